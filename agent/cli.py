@@ -1,0 +1,119 @@
+"""``edge-agent``: the device command line.
+
+argparse rather than typer: the agent's install stays small on the device.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/edgefleet-agent")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgefleet-agent"
+
+
+def _default_device_id() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the agent daemon")
+    run.add_argument(
+        "--broker",
+        default=os.environ.get("EDGE_AGENT_BROKER", "mqtt://127.0.0.1:1883"),
+        help="mqtt://[user[:pass]@]HOST:PORT or mqtts://… (env EDGE_AGENT_BROKER)",
+    )
+    run.add_argument(
+        "--device-id",
+        default=os.environ.get("EDGE_AGENT_DEVICE_ID") or _default_device_id(),
+        help="this device's id (default: the host name; env EDGE_AGENT_DEVICE_ID)",
+    )
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("EDGE_AGENT_STATE_DIR") or _default_state_dir()),
+        help="where the agent keeps its state (env EDGE_AGENT_STATE_DIR)",
+    )
+    run.add_argument("--interval", type=float, default=10.0, help="heartbeat seconds")
+    run.add_argument("--keepalive", type=int, default=15, help="MQTT keepalive seconds")
+
+    infer = commands.add_parser("infer", help="run a model on input data, print JSON outputs")
+    infer.add_argument("model", type=Path, help="a .onnx model file")
+    infer.add_argument("--input", dest="input_path", type=Path, required=True,
+                       help=".json (list, or {input: list}), .npy or .npz")
+    infer.add_argument("--provider", action="append", dest="providers",
+                       help="onnxruntime execution provider (repeatable; default CPU)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.contract import is_valid_device_id
+    from agent.daemon import AgentConfig, AgentDaemon
+    from agent.mqtt import BrokerAddress
+
+    if not is_valid_device_id(args.device_id):
+        print(
+            f"error: --device-id {args.device_id!r}: use 1-64 letters, digits, '_', '.', '-'",
+            file=sys.stderr,
+        )
+        return 2
+    if args.interval <= 0:
+        print("error: --interval must be greater than 0", file=sys.stderr)
+        return 2
+    try:
+        broker = BrokerAddress.parse(args.broker)
+    except ValueError as exc:
+        print(f"error: --broker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        daemon = AgentDaemon(
+            AgentConfig(
+                broker=broker,
+                device_id=args.device_id,
+                state_dir=args.state_dir,
+                interval_s=args.interval,
+                keepalive_s=args.keepalive,
+            )
+        )
+    except OSError as exc:
+        print(f"error: state directory {args.state_dir}: {exc}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stop())
+    daemon.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "run":
+        return _run(args)
+    from agent.infer_cmd import infer_main
+
+    return infer_main(args.model, args.input_path, providers=args.providers)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""MQTT v5 plumbing shared by the agent and the fleet: broker URLs and a resilient link.
+
+paho-mqtt is wrapped here and nowhere else, so the rest of the code sees plain callbacks and
+one error type. The link reconnects by itself with exponential backoff (paho's loop thread),
+and asks for a fresh Last Will before every connection attempt: each connection of a device
+announces its own offline message, which is how the fleet tells a stale will from a current
+one (see ``agent.contract``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+__all__ = ["BrokerAddress", "Inbound", "LinkError", "MqttLink", "Will"]
+
+log = logging.getLogger(__name__)
+
+
+class LinkError(RuntimeError):
+    """The broker could not be reached or refused us; raised from paho's own error."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse ``mqtt://[user[:pass]@]host[:port]`` (or ``mqtts://``) with a clear error."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r}: no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"broker URL {url!r}: port is not a number 1-65535") from None
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:  # never shows the password
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received message. With ``manual_ack`` the broker's copy is released only by
+    :meth:`ack`, so a consumer that dies before storing a message gets it again."""
+
+    topic: str
+    payload: bytes
+    _ack: Callable[[], object] | None = None
+
+    def ack(self) -> None:
+        if self._ack is not None:
+            self._ack()
+
+
+MessageHandler = Callable[[Inbound], None]
+
+
+class MqttLink:
+    """One MQTT v5 session that keeps itself connected.
+
+    ``on_connect`` runs in paho's thread after every successful (re)connection: subscribe and
+    announce there. ``will_factory`` runs before every connection attempt.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        client_id: str,
+        *,
+        on_message: MessageHandler,
+        on_connect: Callable[[], None] | None = None,
+        will_factory: Callable[[], Will] | None = None,
+        keepalive: int = 15,
+        max_backoff: int = 30,
+        manual_ack: bool = False,
+    ) -> None:
+        self.broker = broker
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self._will_factory = will_factory
+        self._keepalive = keepalive
+        self._state = _State.UNOPENED
+        self._connected = threading.Event()
+        self._manual_ack = manual_ack
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=max_backoff)
+        self._client.max_queued_messages_set(0)  # paho's own in-memory queue is unbounded
+        if broker.username:
+            self._client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            self._client.tls_set()
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once, even if the broker is down."""
+        if self._state is not _State.UNOPENED:
+            raise RuntimeError(f"cannot start a link that is {self._state.value}")
+        self._state = _State.OPENED
+        self._arm_will()
+        try:
+            self._client.connect_async(
+                self.broker.host, self.broker.port, keepalive=self._keepalive, clean_start=True
+            )
+        except (OSError, ValueError) as exc:
+            raise LinkError(f"cannot connect to {self.broker}: {exc}") from exc
+        self._client.loop_start()
+
+    def close(self) -> None:
+        """Disconnect cleanly (no Last Will) and stop the network thread."""
+        if self._state is not _State.OPENED:
+            self._state = _State.CLOSED
+            return
+        self._state = _State.CLOSED
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> paho.MQTTMessageInfo:
+        if self._state is not _State.OPENED:
+            raise RuntimeError(f"cannot publish on a link that is {self._state.value}")
+        properties = None
+        if expiry_s is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = expiry_s
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self._client.subscribe(topic, qos=qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        self._client.unsubscribe(topic)
+
+    def _arm_will(self) -> None:
+        if self._will_factory is None:
+            return
+        will = self._will_factory()
+        self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.broker, reason_code)
+            return
+        log.info("connected to %s", self.broker)
+        self._connected.set()
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                log.exception("on_connect handler failed")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if self._state is _State.OPENED:
+            if was_connected:
+                log.warning("lost the broker %s (%s); reconnecting", self.broker, reason_code)
+            # The next attempt announces a new connection with its own Last Will.
+            self._arm_will()
+
+    def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
+        ack = None
+        if self._manual_ack and message.qos > 0:
+            mid, qos = message.mid, message.qos
+            ack = lambda: self._client.ack(mid, qos)  # noqa: E731
+        try:
+            self._on_message_cb(Inbound(message.topic, message.payload, ack))
+        except Exception:
+            log.exception("handler failed for a message on %s", message.topic)

@@ -1,0 +1,224 @@
+"""The inference engine interface, and the one place requests are validated.
+
+Every backend (ONNX Runtime now, TFLite later) sits behind :class:`Engine`, whose single
+backend hook is :meth:`Engine._run`. :meth:`Engine.infer` always passes the caller's data
+through :func:`prepare_inputs` first, so a backend only ever sees a complete feed of
+C-contiguous arrays with the model's dtypes and shapes. That gives three invariants:
+
+* a bad request raises :class:`InputError` naming expected vs given, never a numpy or backend
+  stack trace, and the message does not depend on which backend is loaded;
+* casts are only ever safe or same-kind (int -> float, float64 -> float32), or integer ->
+  integer when every value fits the target (JSON ints for a uint8 image input); a cast that
+  would change meaning (float -> int, text or objects -> numbers) is refused, not truncated;
+* backend failures surface as :class:`EngineError`, raised ``from`` the backend's exception,
+  so callers catch one hierarchy whatever the backend.
+
+Lifecycle is explicit: an engine is open from construction until :meth:`Engine.close`; using a
+closed engine is a programmer error and raises ``RuntimeError``. This module must not import a
+backend: the agent daemon imports it on devices where a backend may not be installed.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeAlias
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "InputData",
+    "InputError",
+    "TensorSpec",
+    "prepare_inputs",
+]
+
+InputData: TypeAlias = ArrayLike | Mapping[str, ArrayLike]
+"""One array-like (single-input models) or a mapping of input name -> array-like."""
+
+# Kinds numpy would happily cast to numbers with casting="unsafe", and which we never do.
+_REFUSED_KINDS = frozenset("USOVMm")
+
+
+class EngineError(Exception):
+    """The model cannot be loaded or run; raised ``from`` the backend's own exception."""
+
+
+class InputError(EngineError, ValueError):
+    """The caller's data does not fit the model's inputs (names, dtype or shape)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: ``dtype`` is a numpy dtype name, dynamic dims are ``None``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    @property
+    def has_batch_dim(self) -> bool:
+        """The leading dim is dynamic, which by convention is the batch dimension."""
+        return len(self.shape) > 0 and self.shape[0] is None
+
+    def describe_shape(self) -> str:
+        """Shape for messages: a dynamic leading dim reads ``batch``, other dynamic dims ``?``."""
+        dims = [
+            ("batch" if i == 0 else "?") if dim is None else str(dim)
+            for i, dim in enumerate(self.shape)
+        ]
+        return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+class _State(enum.Enum):
+    OPENED = enum.auto()
+    CLOSED = enum.auto()
+
+
+class Engine(ABC):
+    """A loaded model. Subclasses load in ``__init__`` and implement ``_run`` and ``_close``.
+
+    ``infer`` may be called from several threads if the backend's ``_run`` allows it (ONNX
+    Runtime does); ``close`` should only be called once no inference is in flight.
+    """
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+        self._inputs = tuple(inputs)
+        self._outputs = tuple(outputs)
+        self._state = _State.OPENED
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    def infer(self, inputs: InputData) -> dict[str, np.ndarray]:
+        """Validate ``inputs`` against :attr:`inputs`, run the model, return outputs by name."""
+        self._ensure_open()
+        return self._run(prepare_inputs(self._inputs, inputs))
+
+    def warmup(self) -> None:
+        """Run one all-zeros batch of size 1, so the first real request is not the slow one."""
+        self._ensure_open()
+        feeds = {
+            spec.name: np.zeros(tuple(1 if dim is None else dim for dim in spec.shape), spec.dtype)
+            for spec in self._inputs
+        }
+        self._run(feeds)
+
+    def close(self) -> None:
+        """Release the backend. Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._close()
+
+    def __enter__(self) -> Self:
+        self._ensure_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _ensure_open(self) -> None:
+        if self._state is _State.CLOSED:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one validated feed. Backend exceptions must be raised as :class:`EngineError`."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release backend resources; called at most once."""
+
+
+def prepare_inputs(specs: Sequence[TensorSpec], data: InputData) -> dict[str, np.ndarray]:
+    """Turn caller data into a feed matching ``specs`` exactly, or raise :class:`InputError`.
+
+    ``data`` is one array-like when the model has one input, else a mapping name -> array-like.
+    A single sample (rank one less than a spec whose leading dim is the batch) gets a batch
+    dim of 1.
+    """
+    expected = [spec.name for spec in specs]
+    if isinstance(data, Mapping):
+        given: dict[Any, Any] = dict(data)
+    elif len(specs) == 1:
+        given = {specs[0].name: data}
+    else:
+        raise InputError(
+            f"model has {len(specs)} inputs {expected}: pass a mapping of input name to array"
+        )
+    if set(given) != set(expected):
+        given_names = sorted(str(name) for name in given)
+        unknown = sorted(str(name) for name in given if name not in expected)
+        missing = [name for name in expected if name not in given]
+        details = [f"unknown {unknown}"] if unknown else []
+        details += [f"missing {missing}"] if missing else []
+        raise InputError(
+            f"input names: expected {expected}, given {given_names} ({', '.join(details)})"
+        )
+    return {spec.name: _coerce(spec, given[spec.name]) for spec in specs}
+
+
+def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:
+    prefix = f"input {spec.name!r}"
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists, unconvertible objects
+        raise InputError(
+            f"{prefix}: expected shape {spec.describe_shape()}, given nested lists of uneven "
+            "length (or values that are not numbers)"
+        ) from exc
+
+    target = np.dtype(spec.dtype)
+    _check_cast(prefix, array, target)
+
+    given_shape = array.shape
+    if spec.has_batch_dim and array.ndim == len(spec.shape) - 1:
+        array = array[np.newaxis, ...]
+    if array.ndim != len(spec.shape):
+        raise InputError(
+            f"{prefix}: expected shape {spec.describe_shape()}, given {given_shape}: "
+            f"rank {len(given_shape)}, expected {len(spec.shape)}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if want is not None and want != got:
+            what = "feature count" if axis == array.ndim - 1 else f"dim {axis}"
+            raise InputError(
+                f"{prefix}: expected shape {spec.describe_shape()}, given {given_shape}: "
+                f"{what} {got}, expected {want}"
+            )
+    return np.ascontiguousarray(array, dtype=target)
+
+
+def _check_cast(prefix: str, array: np.ndarray, target: np.dtype[Any]) -> None:
+    given = array.dtype
+    if given.kind in "iu" and target.kind in "iu" and not np.can_cast(given, target):
+        bounds = np.iinfo(target)
+        if array.size and (array.min() < bounds.min or array.max() > bounds.max):
+            raise InputError(
+                f"{prefix}: expected dtype {target}, given {given} with values outside "
+                f"[{bounds.min}, {bounds.max}]"
+            )
+        return
+    if given.kind in _REFUSED_KINDS or not np.can_cast(given, target, "same_kind"):
+        raise InputError(f"{prefix}: expected dtype {target}, given {given}")

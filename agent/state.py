@@ -1,0 +1,94 @@
+"""The agent's durable state: a small SQLite file in the state directory.
+
+Why SQLite and not a JSON file: the sequence counter must survive power loss without ever
+going backwards (the fleet drops a message whose ``seq`` it has already stored), and SQLite
+gives an atomic, fsynced update per call without a hand-written write-rename dance.
+
+Invariants:
+
+* :meth:`AgentState.next_seq` never returns the same number twice for one state file, even
+  across crashes: the new value is committed before it is handed out.
+* the accepted desired state is only replaced by one with a greater ``generation``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from agent.contract import DesiredState
+
+__all__ = ["AgentState"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class AgentState:
+    """Key/value state of one agent; safe to share between the MQTT thread and the main loop."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "agent.db"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed seq must survive a power cut, or a reboot could reuse it.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _get(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _put(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO kv(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def next_seq(self) -> int:
+        """Reserve the next message sequence number (committed before it is returned)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                current = int(self._get("seq") or 0)
+                self._put("seq", str(current + 1))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return current + 1
+
+    def desired(self) -> DesiredState | None:
+        with self._lock:
+            raw = self._get("desired")
+        return None if raw is None else DesiredState.model_validate_json(raw)
+
+    def accept_desired(self, desired: DesiredState) -> bool:
+        """Store ``desired`` if it is newer than the accepted one; False if it is not."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                raw = self._get("desired")
+                current = None if raw is None else DesiredState.model_validate_json(raw)
+                if current is not None and desired.generation <= current.generation:
+                    self._db.execute("ROLLBACK")
+                    return False
+                self._put("desired", desired.model_dump_json())
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            return True

@@ -1,0 +1,42 @@
+"""Health, metrics and token listing: the operator's view of the service itself."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from fleet import tokens
+from fleet.api.deps import AdminToken, CurrentToken, SessionDep
+from fleet.models import TokenPublic
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["system"])
+def healthz(request: Request) -> dict:
+    ingest = request.app.state.ingest
+    return {
+        "status": "ok",
+        "ingest_connected": ingest.link.connected if ingest is not None else None,
+    }
+
+
+@router.get("/api/v1/metrics", tags=["system"])
+def metrics(request: Request, _: CurrentToken) -> dict:
+    ingest = request.app.state.ingest
+    if ingest is None:
+        return {"ingest": None}
+    return {"ingest": {**ingest.metrics.snapshot(), "queue_depth": ingest.queue_depth}}
+
+
+@router.get("/api/v1/tokens", tags=["system"], response_model=list[TokenPublic])
+def list_tokens(session: SessionDep, _: AdminToken) -> list[TokenPublic]:
+    return [
+        TokenPublic(
+            id=row.id or 0,
+            name=row.name,
+            role=row.role,
+            created_at=row.created_at,
+            revoked=row.revoked_at is not None,
+        )
+        for row in tokens.list_tokens(session)
+    ]

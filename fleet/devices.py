@@ -1,0 +1,92 @@
+"""Device registry: applying device messages to the device table, reading it back.
+
+Every apply function is idempotent and order-tolerant, because MQTT QoS 1 redelivers and
+several fleet workers may see the same retained message:
+
+* reported state and heartbeats apply only if their ``seq`` is newer than the stored one;
+* status follows the connection rule from ``agent.contract``: a newer connection wins,
+  and within one connection the only move is online -> offline.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from agent.contract import HeartbeatTelemetry, ReportedState, StatusMessage, utcnow
+from fleet.models import Device
+
+__all__ = [
+    "apply_heartbeat",
+    "apply_reported",
+    "apply_status",
+    "get_device",
+    "list_devices",
+    "touch",
+]
+
+
+def _device_for_update(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id, with_for_update=True)
+    if device is not None:
+        return device
+    try:
+        with session.begin_nested():
+            device = Device(id=device_id)
+            session.add(device)
+    except IntegrityError:  # another worker registered it at the same moment
+        device = session.get(Device, device_id, with_for_update=True)
+        assert device is not None
+    return device
+
+
+def apply_status(session: Session, message: StatusMessage) -> bool:
+    device = _device_for_update(session, message.device_id)
+    device.last_seen = utcnow()
+    newer = message.connection > device.connection
+    same_going_offline = message.connection == device.connection and message.state == "offline"
+    if not (newer or same_going_offline):
+        return False
+    device.connection = message.connection
+    device.online = message.state == "online"
+    return True
+
+
+def apply_reported(session: Session, message: ReportedState) -> bool:
+    device = _device_for_update(session, message.device_id)
+    device.last_seen = utcnow()
+    if message.seq <= device.reported_seq:
+        return False
+    device.reported_seq = message.seq
+    device.agent_version = message.agent_version
+    device.active_model_name = message.active_model.name if message.active_model else None
+    device.active_model_version = message.active_model.version if message.active_model else None
+    device.platform = message.platform.model_dump()
+    device.desired_generation = message.desired_generation
+    return True
+
+
+def apply_heartbeat(session: Session, message: HeartbeatTelemetry) -> bool:
+    device = _device_for_update(session, message.device_id)
+    device.last_seen = utcnow()
+    if message.seq <= device.heartbeat_seq:
+        return False
+    device.heartbeat_seq = message.seq
+    device.heartbeat = message.model_dump(
+        mode="json", exclude={"schema_version", "device_id", "seq", "kind"}
+    )
+    device.heartbeat_at = message.sent_at
+    return True
+
+
+def touch(session: Session, device_id: str) -> None:
+    """Any valid message proves the device is alive."""
+    _device_for_update(session, device_id).last_seen = utcnow()
+
+
+def list_devices(session: Session) -> list[Device]:
+    return list(session.exec(select(Device).order_by(Device.id)))
+
+
+def get_device(session: Session, device_id: str) -> Device | None:
+    return session.get(Device, device_id)

@@ -1,0 +1,137 @@
+"""Tables and API schemas (SQLModel), one family per entity: Base -> table -> Public.
+
+Timestamps are stored timezone-aware where the database can (PostgreSQL); SQLite gives them
+back naive, so every Public schema re-attaches UTC: the API always speaks UTC with an offset.
+Sequence numbers are BIGINT: devices count to 2**63.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import field_validator
+from sqlalchemy import JSON, BigInteger, Column, DateTime
+from sqlmodel import Field, SQLModel
+
+from agent.contract import utcnow
+
+__all__ = [
+    "ActiveModelPublic",
+    "ApiToken",
+    "Device",
+    "DevicePublic",
+    "HeartbeatPublic",
+    "Role",
+    "TokenPublic",
+]
+
+
+def _tz() -> Any:
+    return DateTime(timezone=True)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Role(enum.StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class Device(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    first_seen: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    last_seen: datetime | None = Field(default=None, sa_type=_tz())
+    online: bool = False
+    # The connection the online flag belongs to (see agent.contract on status ordering).
+    connection: int = Field(default=0, sa_type=BigInteger)
+    agent_version: str | None = Field(default=None, max_length=256)
+    active_model_name: str | None = Field(default=None, max_length=256)
+    active_model_version: int | None = None
+    platform: dict | None = Field(default=None, sa_column=Column(JSON))
+    desired_generation: int | None = Field(default=None, sa_type=BigInteger)
+    reported_seq: int = Field(default=0, sa_type=BigInteger)
+    heartbeat_seq: int = Field(default=0, sa_type=BigInteger)
+    heartbeat: dict | None = Field(default=None, sa_column=Column(JSON))
+    heartbeat_at: datetime | None = Field(default=None, sa_type=_tz())
+
+
+class ActiveModelPublic(SQLModel):
+    name: str
+    version: int
+
+
+class HeartbeatPublic(SQLModel):
+    sent_at: datetime
+    uptime_s: float
+    cpu_percent: float
+    rss_mb: float
+    inference_count: int
+    error_count: int
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+
+
+class DevicePublic(SQLModel):
+    id: str
+    online: bool
+    first_seen: datetime
+    last_seen: datetime | None
+    agent_version: str | None
+    active_model: ActiveModelPublic | None
+    platform: dict | None
+    desired_generation: int | None
+    heartbeat: HeartbeatPublic | None
+
+    _utc = field_validator("first_seen", "last_seen")(_as_utc)
+
+    @classmethod
+    def from_row(cls, device: Device) -> DevicePublic:
+        active = None
+        if device.active_model_name is not None and device.active_model_version is not None:
+            active = ActiveModelPublic(
+                name=device.active_model_name, version=device.active_model_version
+            )
+        return cls(
+            id=device.id,
+            online=device.online,
+            first_seen=device.first_seen,
+            last_seen=device.last_seen,
+            agent_version=device.agent_version,
+            active_model=active,
+            platform=device.platform,
+            desired_generation=device.desired_generation,
+            heartbeat=HeartbeatPublic.model_validate(device.heartbeat)
+            if device.heartbeat
+            else None,
+        )
+
+
+class ApiToken(SQLModel, table=True):
+    """Only the SHA-256 of a token is stored: tokens are 256-bit random, so a fast hash is
+    enough, and a stolen database does not give API access."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    role: Role
+    token_hash: str = Field(unique=True, index=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    revoked_at: datetime | None = Field(default=None, sa_type=_tz())
+
+
+class TokenPublic(SQLModel):
+    """What the API may show about a token: never the token, never its hash."""
+
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    revoked: bool
+
+    _utc = field_validator("created_at")(_as_utc)

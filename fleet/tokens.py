@@ -1,0 +1,82 @@
+"""API bearer tokens: created once, shown once, stored hashed.
+
+A token is ``ef_`` + 43 url-safe characters (256 random bits). The database keeps its
+SHA-256; the plain token exists only in the creator's hands (and, for the first admin
+token, in a 0600 file whose path ``edge-fleet serve`` prints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from fleet.models import ApiToken, Role
+
+__all__ = [
+    "authenticate",
+    "create_token",
+    "ensure_admin_token",
+    "hash_token",
+    "list_tokens",
+]
+
+TOKEN_PREFIX = "ef_"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(session: Session, *, role: Role, name: str) -> tuple[ApiToken, str]:
+    """Store a new token's hash; return the row and the plain token (shown once)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(name=name, role=role, token_hash=hash_token(token))
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row, token
+
+
+def authenticate(session: Session, token: str) -> ApiToken | None:
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+        return None
+    row = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(token))).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    return row
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    return list(session.exec(select(ApiToken).order_by(ApiToken.id)))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret so that it is never readable by others, not even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def ensure_admin_token(engine: Engine, token_file: Path) -> bool:
+    """On first start (no tokens at all), create an admin token into ``token_file``.
+
+    Returns True when a token was created. Two fleet workers starting at once may both see
+    an empty table; both then create a token, which is harmless (each is a valid admin).
+    """
+    with Session(engine) as session:
+        if session.exec(select(ApiToken.id).limit(1)).first() is not None:
+            return False
+        _, token = create_token(session, role=Role.ADMIN, name="initial admin")
+    _write_private(token_file, token + "\n")
+    return True

@@ -1,0 +1,227 @@
+"""OnnxEngine on real onnxruntime sessions over models built by tests/fixtures/models.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.runtime import (
+    EngineError,
+    InputError,
+    OnnxEngine,
+    TensorSpec,
+    load_engine,
+)
+from tests.fixtures.models import MlpModelFile, ModelFile, mlp_reference
+
+
+@pytest.fixture
+def mlp(onnx_mlp: MlpModelFile) -> Iterator[OnnxEngine]:
+    with OnnxEngine(onnx_mlp.path) as engine:
+        yield engine
+
+
+@pytest.fixture
+def two_input(onnx_two_input: ModelFile) -> Iterator[OnnxEngine]:
+    with OnnxEngine(onnx_two_input.path) as engine:
+        yield engine
+
+
+def _input_error(engine: OnnxEngine, data: object) -> str:
+    with pytest.raises(InputError) as caught:
+        engine.infer(data)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_outputs_match_numpy_reference(mlp: OnnxEngine, onnx_mlp: MlpModelFile, batch: int):
+    x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+
+    outputs = mlp.infer(x)
+
+    assert list(outputs) == ["y"]
+    assert outputs["y"].shape == (batch, 3)
+    np.testing.assert_allclose(outputs["y"], mlp_reference(onnx_mlp.weights, x), atol=1e-5)
+
+
+def test_specs_describe_the_model(mlp: OnnxEngine):
+    assert mlp.inputs == [TensorSpec("x", "float32", (None, 4))]
+    assert mlp.outputs == [TensorSpec("y", "float32", (None, 3))]
+    assert mlp.providers == ["CPUExecutionProvider"]
+
+
+def test_single_sample_gets_a_batch_dim(mlp: OnnxEngine, onnx_mlp: MlpModelFile):
+    sample = np.array([0.5, -1.0, 2.0, 0.25], dtype=np.float32)
+
+    outputs = mlp.infer(sample)
+
+    assert outputs["y"].shape == (1, 3)
+    np.testing.assert_allclose(
+        outputs["y"], mlp_reference(onnx_mlp.weights, sample[None, :]), atol=1e-5
+    )
+
+
+def test_int_input_is_cast_to_float(mlp: OnnxEngine, onnx_mlp: MlpModelFile):
+    rows = [[1, 2, 3, 4], [0, -1, 5, 2]]  # a nested list of ints -> int64 -> float32
+
+    outputs = mlp.infer(rows)
+
+    expected = mlp_reference(onnx_mlp.weights, np.array(rows, dtype=np.float32))
+    np.testing.assert_allclose(outputs["y"], expected, atol=1e-5)
+
+
+def test_float64_input_is_cast_to_float32(mlp: OnnxEngine, onnx_mlp: MlpModelFile):
+    x = np.linspace(-1, 1, 8).reshape(2, 4)  # float64
+
+    outputs = mlp.infer({"x": x})
+
+    assert outputs["y"].dtype == np.float32
+    expected = mlp_reference(onnx_mlp.weights, x.astype(np.float32))
+    np.testing.assert_allclose(outputs["y"], expected, atol=1e-5)
+
+
+def test_two_inputs_are_fed_by_name(two_input: OnnxEngine):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+    outputs = two_input.infer({"scale": [[2], [3]], "x": x})
+
+    np.testing.assert_array_equal(outputs["y"], x * np.array([[2.0], [3.0]], dtype=np.float32))
+
+
+def test_wrong_feature_count_names_expected_and_given(mlp: OnnxEngine):
+    message = _input_error(mlp, np.zeros((2, 5), dtype=np.float32))
+
+    assert message == (
+        "input 'x': expected shape (batch, 4), given (2, 5): feature count 5, expected 4"
+    )
+
+
+def test_wrong_feature_count_of_a_single_sample_names_the_given_shape(mlp: OnnxEngine):
+    message = _input_error(mlp, [1.0, 2.0, 3.0])
+
+    assert message == (
+        "input 'x': expected shape (batch, 4), given (3,): feature count 3, expected 4"
+    )
+
+
+def test_wrong_rank_names_expected_and_given(mlp: OnnxEngine):
+    message = _input_error(mlp, np.zeros((2, 4, 1), dtype=np.float32))
+
+    assert message == "input 'x': expected shape (batch, 4), given (2, 4, 1): rank 3, expected 2"
+
+
+def test_float_for_int_input_is_refused(two_input: OnnxEngine):
+    message = _input_error(two_input, {"x": np.zeros((1, 4), np.float32), "scale": [[1.5]]})
+
+    assert message == "input 'scale': expected dtype int64, given float64"
+
+
+def test_strings_are_refused(mlp: OnnxEngine):
+    message = _input_error(mlp, ["abc", "def", "ghi", "jkl"])
+
+    assert message == "input 'x': expected dtype float32, given <U3"
+
+
+def test_unknown_input_name_names_expected_and_given(mlp: OnnxEngine):
+    message = _input_error(mlp, {"x": np.zeros((1, 4)), "extra": [1.0]})
+
+    assert "expected ['x'], given ['extra', 'x']" in message
+    assert "unknown ['extra']" in message
+
+
+def test_missing_input_names_expected_and_given(two_input: OnnxEngine):
+    message = _input_error(two_input, {"x": np.zeros((1, 4), np.float32)})
+
+    assert "expected ['x', 'scale'], given ['x']" in message
+    assert "missing ['scale']" in message
+
+
+def test_single_array_for_a_two_input_model_is_refused(two_input: OnnxEngine):
+    message = _input_error(two_input, np.zeros((1, 4), np.float32))
+
+    assert "model has 2 inputs ['x', 'scale']" in message
+
+
+def test_ragged_list_is_refused(mlp: OnnxEngine):
+    message = _input_error(mlp, [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]])
+
+    assert message.startswith("input 'x': expected shape (batch, 4), given nested lists")
+
+
+def test_input_error_is_a_value_error_and_an_engine_error():
+    assert issubclass(InputError, ValueError)
+    assert issubclass(InputError, EngineError)
+
+
+def test_warmup_runs_a_zero_batch(mlp: OnnxEngine):
+    mlp.warmup()
+
+
+def test_thread_counts_are_configurable(onnx_mlp: MlpModelFile):
+    with OnnxEngine(onnx_mlp.path, intra_op_threads=1, inter_op_threads=1) as engine:
+        assert engine.infer(np.zeros(4, np.float32))["y"].shape == (1, 3)
+
+
+def test_corrupt_model_raises_engine_error(tmp_path: Path):
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(b"\x08\x07this is not a protobuf" * 10)
+
+    with pytest.raises(EngineError, match=r"cannot load ONNX model .*corrupt\.onnx") as caught:
+        OnnxEngine(path)
+    assert caught.value.__cause__ is not None  # raised from the onnxruntime error
+
+
+def test_missing_model_file_raises_engine_error(tmp_path: Path):
+    with pytest.raises(EngineError, match="no such file"):
+        OnnxEngine(tmp_path / "absent.onnx")
+
+
+def test_unavailable_provider_is_refused(onnx_mlp: MlpModelFile):
+    with pytest.raises(EngineError, match=r"\['NoSuchExecutionProvider'\] not available"):
+        OnnxEngine(onnx_mlp.path, providers=["NoSuchExecutionProvider"])
+
+
+def test_closed_engine_raises_runtime_error(onnx_mlp: MlpModelFile):
+    engine = OnnxEngine(onnx_mlp.path)
+    engine.close()
+    engine.close()  # idempotent
+
+    assert engine.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.infer(np.zeros((1, 4), np.float32))
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.warmup()
+    with pytest.raises(RuntimeError, match="closed"), engine:
+        pass
+
+
+def test_context_manager_closes_the_engine(onnx_mlp: MlpModelFile):
+    with OnnxEngine(onnx_mlp.path) as engine:
+        assert not engine.closed
+    assert engine.closed
+
+
+def test_load_engine_picks_onnx_by_suffix(onnx_mlp: MlpModelFile):
+    with load_engine(onnx_mlp.path, providers=["CPUExecutionProvider"]) as engine:
+        assert isinstance(engine, OnnxEngine)
+
+
+def test_load_engine_refuses_tflite_clearly(tmp_path: Path):
+    with pytest.raises(EngineError, match="TFLite support is not implemented yet"):
+        load_engine(tmp_path / "model.tflite")
+
+
+def test_load_engine_refuses_unknown_suffix(tmp_path: Path):
+    with pytest.raises(EngineError, match=r"unsupported model file 'model\.pt'"):
+        load_engine(tmp_path / "model.pt")
+
+
+def test_importing_the_runtime_package_does_not_import_onnxruntime():
+    code = "import sys, agent.runtime; sys.exit('onnxruntime' in sys.modules)"
+
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
