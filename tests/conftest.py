@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fixtures.models"]
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.broker",
+    "tests.fixtures.postgres",
+    "tests.fixtures.processes",
+]
