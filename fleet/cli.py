@@ -37,18 +37,24 @@ TokenOption = Annotated[
 ]
 
 
-@app.command()
-def serve(
-    port: Annotated[int, typer.Option(envvar="EDGEFLEET_PORT")] = 8000,
-    host: Annotated[str, typer.Option(envvar="EDGEFLEET_HOST")] = "127.0.0.1",
-    broker: Annotated[
-        str | None,
-        typer.Option(envvar="EDGEFLEET_BROKER_URL", help="mqtt://HOST:PORT; default: start one"),
-    ] = None,
-    data_dir: Annotated[Path | None, typer.Option(envvar="EDGEFLEET_DATA_DIR")] = None,
-    log_level: Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")] = "INFO",
+PortOption = Annotated[int, typer.Option(envvar="EDGEFLEET_PORT")]
+HostOption = Annotated[str, typer.Option(envvar="EDGEFLEET_HOST")]
+BrokerOption = Annotated[
+    str | None,
+    typer.Option(envvar="EDGEFLEET_BROKER_URL", help="mqtt://HOST:PORT; default: start one"),
+]
+DataDirOption = Annotated[Path | None, typer.Option(envvar="EDGEFLEET_DATA_DIR")]
+LogLevelOption = Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")]
+
+
+def _run_service(
+    port: int,
+    host: str,
+    broker: str | None,
+    data_dir: Path | None,
+    log_level: str,
+    local_agent_id: str | None = None,
 ) -> None:
-    """Run the fleet service: REST API, telemetry ingest and (by default) a local broker."""
     from fleet.local_broker import BrokerNotFound
     from fleet.serve import serve as run_service
 
@@ -58,12 +64,41 @@ def serve(
     overrides: dict = {"port": port, "host": host, "broker_url": broker}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    settings = Settings(**overrides)
     try:
-        run_service(settings, say=lambda line: console.print(line, highlight=False))
-    except BrokerNotFound as exc:
-        err.print(f"error: {exc}")
+        settings = Settings(**overrides)
+        run_service(
+            settings,
+            say=lambda line: console.print(line, highlight=False, soft_wrap=True),
+            local_agent_id=local_agent_id,
+        )
+    except (BrokerNotFound, ValueError) as exc:
+        err.print(f"error: {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    port: PortOption = 8000,
+    host: HostOption = "127.0.0.1",
+    broker: BrokerOption = None,
+    data_dir: DataDirOption = None,
+    log_level: LogLevelOption = "INFO",
+) -> None:
+    """Run the fleet service: REST API, telemetry ingest and (by default) a local broker."""
+    _run_service(port, host, broker, data_dir, log_level)
+
+
+@app.command()
+def quickstart(
+    port: PortOption = 8000,
+    host: HostOption = "127.0.0.1",
+    broker: BrokerOption = None,
+    data_dir: DataDirOption = None,
+    log_level: LogLevelOption = "INFO",
+    device_id: Annotated[str, typer.Option(help="id of the local agent")] = "local-agent",
+) -> None:
+    """Run the fleet with embedded defaults plus one local agent: a fleet in one command."""
+    _run_service(port, host, broker, data_dir, log_level, local_agent_id=device_id)
 
 
 @token_app.command("create")

@@ -105,6 +105,7 @@ class LocalBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                start_new_session=True,  # Ctrl-C reaches the fleet, which stops us in order
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

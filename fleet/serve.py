@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 
@@ -30,7 +33,35 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(settings: Settings, say: Callable[[str], None] = print) -> None:
+def _start_local_agent(settings: Settings, broker_url: str, device_id: str) -> subprocess.Popen:
+    """The quickstart's device: a real ``edge-agent run`` next to the fleet."""
+    agents_dir = settings.data_dir / "agents"
+    agents_dir.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.executable).parent / "edge-agent"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    command += [
+        "run",
+        "--broker", broker_url,
+        "--device-id", device_id,
+        "--state-dir", str(agents_dir / device_id),
+        "--interval", "5",
+    ]  # fmt: skip
+    with (agents_dir / f"{device_id}.log").open("ab") as log_file:
+        return subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the fleet, which stops the agent first
+        )
+
+
+def serve(
+    settings: Settings,
+    say: Callable[[str], None] = print,
+    local_agent_id: str | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM. ``local_agent_id`` also runs an agent (the quickstart)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     engine = make_engine(settings.resolved_database_url)
     init_db(engine)
@@ -52,13 +83,25 @@ def serve(settings: Settings, say: Callable[[str], None] = print) -> None:
     )
     ingest.start()
     app = create_app(engine, ingest)
-    say(f"API: http://{settings.host}:{settings.port}/api/v1/devices  (health: /healthz)")
+    agent = None
+    if local_agent_id is not None:
+        agent = _start_local_agent(settings, broker_url, local_agent_id)
+        say(f"agent: {local_agent_id} (log {settings.data_dir / 'agents'}/{local_agent_id}.log)")
+    api = f"http://{settings.host}:{settings.port}"
+    say(f"API: {api}/api/v1/devices  (health: {api}/healthz)")
+    say(
+        f"look: edge-fleet devices list --url {api}   or   curl -H "
+        f'"Authorization: Bearer $(cat {settings.admin_token_file})" {api}/api/v1/devices'
+    )
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception so the
     # clean-up below runs instead of the process dying on the spot.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(10)
         ingest.stop()
         if local_broker is not None:
             local_broker.stop()

@@ -12,7 +12,9 @@ import subprocess
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
 
+from fleet.db import make_engine
 from tests.fixtures.processes import console_script
 
 BAD_CREDENTIALS = {
@@ -75,6 +77,12 @@ def test_created_token_works_and_is_never_shown_again(fleet_server):
     log = fleet_server.log()
     assert token not in log and fleet_server.token not in log
     db_url = fleet_server.env["EDGEFLEET_DATABASE_URL"]
+    engine = make_engine(db_url)
+    with engine.connect() as connection:
+        rows = [str(tuple(row)) for row in connection.execute(text("SELECT * FROM apitoken"))]
+    engine.dispose()
+    assert len(rows) == 2
+    assert not any(token in row or fleet_server.token in row for row in rows)
     if db_url.startswith("sqlite:///"):
         database = Path(db_url.removeprefix("sqlite:///"))
         stored = b"".join(

@@ -1,0 +1,120 @@
+"""The wire contract refuses what it must, with a reason code and a message naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.contract import (
+    MAX_MESSAGE_BYTES,
+    Channel,
+    DesiredState,
+    EventMessage,
+    HeartbeatTelemetry,
+    MessageRejected,
+    StatusMessage,
+    decode_desired,
+    decode_device_message,
+    encode,
+    parse_topic,
+    topic,
+    utcnow,
+)
+
+
+def _status(device_id: str = "dev-1", **overrides) -> StatusMessage:
+    fields = dict(device_id=device_id, seq=3, sent_at=utcnow(), state="online", connection=2)
+    return StatusMessage(**{**fields, **overrides})
+
+
+def test_topic_round_trip():
+    name = topic("dev-1", Channel.TELEMETRY)
+    assert name == "edgefleet/v1/devices/dev-1/telemetry"
+    assert parse_topic(name) == ("dev-1", Channel.TELEMETRY)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["other/v1/devices/a/status", "edgefleet/v1/devices/a/b/status", "edgefleet/v1/devices/a/x"],
+)
+def test_foreign_topics_are_refused(name):
+    with pytest.raises(MessageRejected) as caught:
+        parse_topic(name)
+    assert caught.value.reason == "unknown_topic"
+
+
+def test_valid_message_decodes_to_its_model():
+    message = decode_device_message(topic("dev-1", "status"), encode(_status()))
+    assert isinstance(message, StatusMessage) and message.connection == 2
+
+
+def test_oversized_payload_is_refused_before_parsing():
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("dev-1", "status"), b" " * (MAX_MESSAGE_BYTES + 1))
+    assert caught.value.reason == "oversized"
+    assert str(MAX_MESSAGE_BYTES) in caught.value.detail
+
+
+def test_encoding_refuses_to_produce_an_oversized_message():
+    event = EventMessage(
+        device_id="d", seq=1, sent_at=utcnow(), event="big", detail={"blob": "x" * 70_000}
+    )
+    with pytest.raises(MessageRejected, match="oversized"):
+        encode(event)
+
+
+@pytest.mark.parametrize("payload", [b"{", b"\xff\xfe", b"[1, 2"])
+def test_malformed_json_is_refused(payload):
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("dev-1", "status"), payload)
+    assert caught.value.reason == "malformed_json"
+
+
+def test_invalid_field_is_named_in_the_reason():
+    data = json.loads(encode(_status()))
+    data["seq"] = -1
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("dev-1", "status"), json.dumps(data).encode())
+    assert caught.value.reason == "invalid"
+    assert "'seq'" in caught.value.detail
+
+
+def test_unknown_fields_and_schema_versions_are_refused():
+    data = json.loads(encode(_status()))
+    with pytest.raises(MessageRejected, match="'extra'"):
+        decode_device_message(topic("dev-1", "status"), json.dumps({**data, "extra": 1}).encode())
+    with pytest.raises(MessageRejected, match="'schema_version'"):
+        decode_device_message(
+            topic("dev-1", "status"), json.dumps({**data, "schema_version": 2}).encode()
+        )
+
+
+def test_message_for_another_device_is_refused():
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("dev-1", "status"), encode(_status("dev-2")))
+    assert caught.value.reason == "wrong_device"
+    assert "dev-2" in caught.value.detail and "dev-1" in caught.value.detail
+
+
+def test_devices_cannot_publish_desired_state():
+    desired = DesiredState(device_id="dev-1", generation=1, bundle=None, issued_at=utcnow())
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("dev-1", "desired"), encode(desired))
+    assert caught.value.reason == "wrong_direction"
+
+
+@pytest.mark.parametrize("device_id", ["", "a/b", "+", "#", "$SYS", "a b", "x" * 65])
+def test_unsafe_device_ids_are_invalid(device_id):
+    with pytest.raises(ValueError):
+        HeartbeatTelemetry(
+            device_id=device_id, seq=1, sent_at=utcnow(), uptime_s=0, cpu_percent=0,
+            rss_mb=0, inference_count=0, error_count=0,
+        )
+
+
+def test_desired_state_for_another_device_is_refused():
+    desired = DesiredState(device_id="dev-2", generation=1, bundle=None, issued_at=utcnow())
+    with pytest.raises(MessageRejected) as caught:
+        decode_desired("dev-1", encode(desired))
+    assert caught.value.reason == "wrong_device"
