@@ -3,5 +3,4 @@
 set -euo pipefail
 EXTRAS=fleet source "$(dirname "$0")/setup.sh"
 
-export EDGEFLEET_DATA_DIR="${EDGEFLEET_DATA_DIR:-$ROOT/.edgefleet}"
 exec .venv/bin/edge-fleet quickstart "$@"
