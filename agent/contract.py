@@ -31,21 +31,28 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 __all__ = [
     "DEVICE_CHANNELS",
     "DEVICE_ID_PATTERN",
+    "MANIFEST_NAME",
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
     "TOPIC_ROOT",
     "ActiveModel",
+    "Baseline",
+    "BaselineHistogram",
+    "BundleManifest",
     "BundleRef",
     "Channel",
     "DesiredState",
     "DeviceId",
     "DriftMessage",
     "EventMessage",
+    "FileEntry",
+    "HealthCheckSpec",
     "HeartbeatTelemetry",
     "MessageRejected",
     "PlatformInfo",
     "ReportedState",
     "StatusMessage",
+    "TensorSchema",
     "decode_desired",
     "decode_device_message",
     "encode",
@@ -148,10 +155,14 @@ class ActiveModel(_Strict):
 
 
 class BundleRef(_Strict):
-    """Which bundle a device should run (verification and install arrive with bundles)."""
+    """Which bundle a device should run."""
 
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     version: Annotated[int, Field(ge=0)]
+
+    @property
+    def target_name(self) -> str:
+        return f"{self.name}-{self.version}.bundle"
 
 
 class PlatformInfo(_Strict):
@@ -207,6 +218,75 @@ class DesiredState(_Strict):
     generation: Annotated[int, Field(ge=1, lt=2**63)]
     bundle: BundleRef | None
     issued_at: datetime
+
+
+# ---------------------------------------------------------------------------------------
+# Bundle manifest: the first member of every bundle archive, ``manifest.json``.
+# ---------------------------------------------------------------------------------------
+
+MANIFEST_NAME = "manifest.json"
+MAX_BUNDLE_FILES = 16
+MAX_TENSORS = 64
+MAX_FEATURES = 4096
+BundleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+# A bundle member is a plain file name: no directories, no '..', nothing absolute.
+MemberName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class TensorSchema(_Strict):
+    name: ShortText
+    dtype: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{2,16}$")]
+    shape: Annotated[list[Annotated[int, Field(ge=0)] | None], Field(max_length=8)]
+
+
+class FileEntry(_Strict):
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0)]
+
+
+class HealthCheckSpec(_Strict):
+    """Samples with the outputs the model gave at build time; the device must reproduce them."""
+
+    file: MemberName
+    rtol: Annotated[float, Field(ge=0, le=1)] = 1e-4
+    atol: Annotated[float, Field(ge=0, le=1)] = 1e-5
+
+
+class BaselineHistogram(_Strict):
+    """Training distribution of one feature: ``len(edges) == len(counts) + 1``."""
+
+    feature: ShortText
+    edges: Annotated[list[float], Field(min_length=2, max_length=MAX_HISTOGRAM_BINS + 1)]
+    counts: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_HISTOGRAM_BINS)]
+
+
+class Baseline(_Strict):
+    rows: Annotated[int, Field(ge=0)]
+    features: Annotated[list[BaselineHistogram], Field(max_length=MAX_FEATURES)]
+
+
+class BundleManifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: BundleName
+    version: Annotated[int, Field(ge=0)]
+    runtime: Literal["onnx", "tflite"]
+    model_file: MemberName
+    inputs: Annotated[list[TensorSchema], Field(min_length=1, max_length=MAX_TENSORS)]
+    outputs: Annotated[list[TensorSchema], Field(min_length=1, max_length=MAX_TENSORS)]
+    files: Annotated[dict[MemberName, FileEntry], Field(min_length=1, max_length=MAX_BUNDLE_FILES)]
+    health_check: HealthCheckSpec | None = None
+    baseline_file: MemberName | None = None
+    created: datetime
+
+    @property
+    def ref(self) -> BundleRef:
+        return BundleRef(name=self.name, version=self.version)
+
+    @property
+    def target_name(self) -> str:
+        """The bundle's file name in the repository (a TUF target path)."""
+        return f"{self.name}-{self.version}.bundle"
 
 
 _MODEL_FOR_CHANNEL: dict[Channel, type[DeviceMessage]] = {

@@ -45,6 +45,8 @@ def run_infer(
 
 def infer_main(model_path: Path, input_path: Path, providers: list[str] | None = None) -> int:
     """Print :func:`run_infer`'s result as JSON on stdout; on failure, one line on stderr."""
+    if not model_path.is_file():  # a usage error (exit 2), not a runtime failure
+        return _fail(InputError(f"model file {model_path}: not found"), 2)
     try:
         result = run_infer(model_path, input_path, providers)
     except InputError as exc:
