@@ -1,0 +1,70 @@
+"""The install-time health check: the device must reproduce the outputs recorded at build.
+
+Samples live in the bundle as ``samples.npz`` with keys ``input:<name>`` and
+``expected:<name>``. A model that fails to load, raises, or differs beyond the manifest's
+tolerance is refused before it ever serves a request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from agent.contract import BundleManifest
+from agent.errors import HealthCheckError
+from agent.runtime import Engine, EngineError, load_engine
+
+__all__ = ["EXPECTED_PREFIX", "INPUT_PREFIX", "load_samples", "open_checked_engine"]
+
+INPUT_PREFIX = "input:"
+EXPECTED_PREFIX = "expected:"
+
+
+def load_samples(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as data:
+        inputs = {k[len(INPUT_PREFIX) :]: data[k] for k in data.files if k.startswith(INPUT_PREFIX)}
+        expected = {
+            k[len(EXPECTED_PREFIX) :]: data[k] for k in data.files if k.startswith(EXPECTED_PREFIX)
+        }
+    return inputs, expected
+
+
+def _check(engine: Engine, manifest: BundleManifest, slot: Path) -> None:
+    spec = manifest.health_check
+    if spec is None:
+        return
+    try:
+        inputs, expected = load_samples(slot / spec.file)
+    except (OSError, ValueError) as exc:
+        raise HealthCheckError(f"samples file {spec.file} unreadable: {exc}") from exc
+    try:
+        outputs = engine.infer(inputs)
+    except EngineError as exc:
+        raise HealthCheckError(f"model failed on its own samples: {exc}") from exc
+    for name, want in expected.items():
+        got = outputs.get(name)
+        if got is None:
+            raise HealthCheckError(f"model has no output {name!r}")
+        if got.shape != want.shape:
+            raise HealthCheckError(f"output {name!r}: shape {got.shape}, expected {want.shape}")
+        if not np.allclose(got, want, rtol=spec.rtol, atol=spec.atol, equal_nan=True):
+            worst = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            raise HealthCheckError(
+                f"output {name!r} differs from the expected samples by up to {worst:.3g} "
+                f"(rtol {spec.rtol}, atol {spec.atol})"
+            )
+
+
+def open_checked_engine(slot: Path, manifest: BundleManifest, **options) -> Engine:
+    """Load the slot's model and run its health check; the caller owns the engine."""
+    try:
+        engine = load_engine(slot / manifest.model_file, **options)
+    except EngineError as exc:
+        raise HealthCheckError(f"model does not load: {exc}") from exc
+    try:
+        _check(engine, manifest, slot)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
