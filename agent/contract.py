@@ -51,6 +51,8 @@ __all__ = [
     "MessageRejected",
     "PlatformInfo",
     "ReportedState",
+    "SignatureEntry",
+    "SignedDesiredState",
     "StatusMessage",
     "TensorSchema",
     "decode_desired",
@@ -76,6 +78,7 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 NonNegative = Annotated[float, Field(ge=0)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class Channel(StrEnum):
@@ -220,6 +223,19 @@ class DesiredState(_Strict):
     issued_at: datetime
 
 
+class SignatureEntry(_Strict):
+    keyid: Sha256Hex
+    sig: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,1024}$")]
+
+
+class SignedDesiredState(_Strict):
+    """What travels on ``desired``: the state plus director signatures over the canonical
+    JSON of ``signed`` exactly as received (see ``agent.trust.desired``)."""
+
+    signed: DesiredState
+    signatures: Annotated[list[SignatureEntry], Field(min_length=1, max_length=8)]
+
+
 # ---------------------------------------------------------------------------------------
 # Bundle manifest: the first member of every bundle archive, ``manifest.json``.
 # ---------------------------------------------------------------------------------------
@@ -231,7 +247,6 @@ MAX_FEATURES = 4096
 BundleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 # A bundle member is a plain file name: no directories, no '..', nothing absolute.
 MemberName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class TensorSchema(_Strict):
@@ -345,15 +360,22 @@ def decode_device_message(topic_name: str, payload: bytes) -> DeviceMessageT:
     return message  # type: ignore[return-value]
 
 
-def decode_desired(device_id: str, payload: bytes) -> DesiredState:
-    """Validate a desired state addressed to ``device_id``, or raise MessageRejected."""
+def decode_desired(device_id: str, payload: bytes) -> tuple[SignedDesiredState, dict]:
+    """Validate a signed desired state addressed to ``device_id``, or raise MessageRejected.
+
+    Returns the model and the raw ``signed`` object, over which signatures are checked.
+    Signatures themselves are checked by ``agent.trust.desired`` (it needs the keys).
+    """
     data = _load_json(payload)
+    if isinstance(data, dict) and "signatures" not in data and "generation" in data:
+        raise MessageRejected("unsigned", "desired state carries no signatures")
     try:
-        desired = DesiredState.model_validate(data)
+        envelope = SignedDesiredState.model_validate(data)
     except ValidationError as exc:
         raise MessageRejected("invalid", _describe(exc)) from None
-    if desired.device_id != device_id:
+    if envelope.signed.device_id != device_id:
         raise MessageRejected(
-            "wrong_device", f"desired state for {desired.device_id!r} sent to {device_id!r}"
+            "wrong_device",
+            f"desired state for {envelope.signed.device_id!r} sent to {device_id!r}",
         )
-    return desired
+    return envelope, data["signed"]

@@ -1,0 +1,257 @@
+"""The device's TUF client: refresh metadata, then fetch a bundle verifying as it streams.
+
+Metadata goes through python-tuf's ``ngclient.Updater``, which gives root rotation,
+rollback-, freeze- and mix-and-match protection. The bundle itself is fetched here, not by
+``Updater.download_target``, for two reasons the device cares about:
+
+* **resume**: a dropped connection continues with an HTTP ``Range`` request from the bytes
+  already on disk (after re-hashing them), instead of starting a large download over;
+* **one pass**: the SHA-256 is computed while the bytes arrive, and the download stops the
+  moment the server sends more than the signed length (endless-data attack); nothing is
+  ever held in memory beyond one chunk.
+
+Every TUF failure is raised as :class:`TrustError` naming the python-tuf error class, so an
+event says e.g. ``untrusted_metadata: ExpiredMetadataError: timestamp.json is expired``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import urllib3
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.ngclient import Updater, UpdaterConfig
+
+from agent.bundle import fsync_dir
+from agent.errors import (
+    BundleTooLargeError,
+    DownloadError,
+    LengthOrHashMismatchError,
+    TrustError,
+    UnknownTargetError,
+)
+from agent.trust.desired import DirectorKeys
+
+__all__ = ["BundleClient", "enroll"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 256 * 1024
+ProgressCallback = Callable[[int, int], None]
+
+
+def _http() -> urllib3.PoolManager:
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=10, read=30), retries=False
+    )
+
+
+def enroll(fleet_url: str, metadata_dir: Path) -> Root:
+    """Pin the fleet's current root: the only time the device trusts on first use."""
+    url = f"{fleet_url.rstrip('/')}/repo/metadata/root.json"
+    try:
+        response = _http().request("GET", url)
+    except urllib3.exceptions.HTTPError as exc:
+        raise TrustError(f"cannot fetch {url}: {exc}") from exc
+    if response.status != 200:
+        raise TrustError(f"cannot fetch {url}: HTTP {response.status}")
+    try:
+        root_md = Metadata[Root].from_bytes(response.data)
+        root_md.signed.verify_delegate(Root.type, root_md)  # self-signed to threshold
+    except Exception as exc:
+        raise TrustError(f"{url} is not a valid self-signed TUF root: {exc}") from exc
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    tmp = metadata_dir / ".root.json.tmp"
+    tmp.write_bytes(response.data)
+    with open(tmp, "rb") as written:
+        os.fsync(written.fileno())
+    os.replace(tmp, metadata_dir / "root.json")
+    fsync_dir(metadata_dir)
+    return root_md.signed
+
+
+class BundleClient:
+    def __init__(
+        self,
+        fleet_url: str,
+        state_dir: Path,
+        *,
+        max_bundle_bytes: int,
+        download_attempts: int = 5,
+    ) -> None:
+        self.fleet_url = fleet_url.rstrip("/")
+        self.metadata_dir = state_dir / "tuf"
+        self.downloads_dir = state_dir / "downloads"
+        self.max_bundle_bytes = max_bundle_bytes
+        self.download_attempts = download_attempts
+        self._updater: Updater | None = None
+        self._http = _http()
+
+    @property
+    def enrolled(self) -> bool:
+        return (self.metadata_dir / "root.json").is_file()
+
+    def refresh(self) -> None:
+        """Fetch and verify the newest metadata (a new Updater: one refresh per instance)."""
+        if not self.enrolled:
+            raise TrustError("not enrolled: run `edge-agent enroll --fleet URL` first")
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        updater = Updater(
+            metadata_dir=str(self.metadata_dir),
+            metadata_base_url=f"{self.fleet_url}/repo/metadata/",
+            target_base_url=f"{self.fleet_url}/repo/targets/",
+            target_dir=str(self.downloads_dir),
+            config=UpdaterConfig(),
+        )
+        try:
+            updater.refresh()
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            raise TrustError(f"{type(exc).__name__}: {exc}") from exc
+        self._updater = updater
+
+    def director_keys(self) -> DirectorKeys:
+        return DirectorKeys.from_root_file(self.metadata_dir / "root.json")
+
+    def target_info(self, name: str) -> TargetFile:
+        if self._updater is None:
+            raise RuntimeError("refresh() must come before target_info()")
+        try:
+            info = self._updater.get_targetinfo(name)
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+            raise TrustError(f"{type(exc).__name__}: {exc}") from exc
+        if info is None:
+            raise UnknownTargetError(f"the fleet's signed targets have no {name!r}")
+        if info.length > self.max_bundle_bytes:
+            raise BundleTooLargeError(
+                f"{name} is {info.length} bytes, over this device's "
+                f"{self.max_bundle_bytes}-byte limit"
+            )
+        if "sha256" not in info.hashes:
+            raise TrustError(f"{name}: signed target has no sha256")
+        return info
+
+    def download(self, info: TargetFile, progress: ProgressCallback | None = None) -> Path:
+        """Fetch ``info`` into the downloads directory, verified; resume after drops."""
+        sha256 = info.hashes["sha256"]
+        final = self.downloads_dir / f"{sha256}.{info.path}"
+        if final.is_file() and final.stat().st_size == info.length:
+            return final  # completed and verified before a crash
+        part = final.with_name(final.name + ".part")
+        url = f"{self.fleet_url}/repo/targets/{sha256}.{info.path}"
+        stream = _HashedFile(part, info.length)
+        last_error: Exception | None = None
+        for attempt in range(1, self.download_attempts + 1):
+            try:
+                self._fetch(url, stream, progress)
+                break
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                last_error = exc
+                log.warning(
+                    "download of %s interrupted at %d/%d bytes (%s); attempt %d/%d",
+                    info.path, stream.size, info.length, exc, attempt, self.download_attempts,
+                )
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 10))
+        else:
+            raise DownloadError(
+                f"{info.path}: gave up after {self.download_attempts} tries: {last_error}"
+            ) from last_error
+        digest = stream.digest.hexdigest()
+        if digest != sha256:
+            part.unlink()
+            raise LengthOrHashMismatchError(
+                f"{info.path}: sha256 {digest[:16]}… does not match the signed {sha256[:16]}…"
+            )
+        os.replace(part, final)
+        fsync_dir(self.downloads_dir)
+        return final
+
+    def _fetch(self, url: str, stream: _HashedFile, progress: ProgressCallback | None) -> None:
+        stream.resync()
+        if stream.size == stream.length:
+            return
+        headers = {"Range": f"bytes={stream.size}-"} if stream.size else {}
+        response = self._http.request(
+            "GET", url, headers=headers, preload_content=False, decode_content=False
+        )
+        try:
+            if response.status == 200:
+                stream.restart()  # the server ignored our Range
+            elif response.status != 206 or not stream.size:
+                raise DownloadError(f"GET {url}: HTTP {response.status}")
+            with stream.open() as out:
+                while chunk := response.read(_CHUNK, decode_content=False):
+                    stream.append(out, chunk)
+                    if progress is not None:
+                        progress(stream.size, stream.length)
+        finally:
+            response.release_conn()
+        if stream.size < stream.length:
+            raise urllib3.exceptions.ProtocolError(
+                f"connection closed at {stream.size}/{stream.length} bytes"
+            )
+
+
+class _HashedFile:
+    """A partial download and the SHA-256 of exactly the bytes in it, kept in step.
+
+    Bytes are hashed as they are written; after a crash or a failed write the digest is
+    rebuilt from the file once (``resync``), never on every attempt.
+    """
+
+    def __init__(self, path: Path, length: int) -> None:
+        self.path = path
+        self.length = length
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._synced = False
+
+    def resync(self) -> None:
+        on_disk = self.path.stat().st_size if self.path.exists() else 0
+        if self._synced and on_disk == self.size:
+            return
+        if on_disk > self.length:
+            self.path.unlink()
+            on_disk = 0
+        self.digest = hashlib.sha256()
+        self.size = 0
+        if on_disk:
+            with open(self.path, "rb") as data:
+                while chunk := data.read(1024 * 1024):
+                    self.digest.update(chunk)
+                    self.size += len(chunk)
+        self._synced = True
+
+    def restart(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.path.write_bytes(b"")
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        self._synced = False  # until the writes below are flushed and fsynced
+        with open(self.path, "r+b" if self.path.exists() else "wb") as out:
+            out.seek(self.size)
+            out.truncate()
+            try:
+                yield out
+            finally:  # also after a dropped connection: keep what arrived, hashed
+                out.flush()
+                os.fsync(out.fileno())
+                self._synced = os.fstat(out.fileno()).st_size == self.size
+
+    def append(self, out: IO[bytes], chunk: bytes) -> None:
+        if self.size + len(chunk) > self.length:
+            raise LengthOrHashMismatchError(
+                f"{self.path.name}: server sent more than the signed {self.length} bytes"
+            )
+        out.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
