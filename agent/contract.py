@@ -77,7 +77,10 @@ MAX_EVENT_DETAIL_KEYS = 32
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
-NonNegative = Annotated[float, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Versions fit a 32-bit signed INTEGER column; generations, seqs and counters a BIGINT.
+Version = Annotated[int, Field(ge=0, lt=2**31)]
+Int64 = Annotated[int, Field(ge=0, lt=2**63)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -154,14 +157,14 @@ class StatusMessage(DeviceMessage):
 
 class ActiveModel(_Strict):
     name: ShortText
-    version: Annotated[int, Field(ge=0)]
+    version: Version
 
 
 class BundleRef(_Strict):
     """Which bundle a device should run."""
 
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
-    version: Annotated[int, Field(ge=0)]
+    version: Version
 
     @property
     def target_name(self) -> str:
@@ -181,7 +184,7 @@ class ReportedState(DeviceMessage):
     agent_version: ShortText
     active_model: ActiveModel | None = None
     platform: PlatformInfo
-    desired_generation: Annotated[int, Field(ge=0)] | None = None
+    desired_generation: Int64 | None = None
     desired_bundle: BundleRef | None = None
 
 
@@ -190,8 +193,8 @@ class HeartbeatTelemetry(DeviceMessage):
     uptime_s: NonNegative
     cpu_percent: NonNegative
     rss_mb: NonNegative
-    inference_count: Annotated[int, Field(ge=0)]
-    error_count: Annotated[int, Field(ge=0)]
+    inference_count: Int64
+    error_count: Int64
     latency_ms_p50: NonNegative | None = None
     latency_ms_p95: NonNegative | None = None
 
@@ -284,7 +287,7 @@ class Baseline(_Strict):
 class BundleManifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: BundleName
-    version: Annotated[int, Field(ge=0)]
+    version: Version
     runtime: Literal["onnx", "tflite"]
     model_file: MemberName
     inputs: Annotated[list[TensorSchema], Field(min_length=1, max_length=MAX_TENSORS)]
@@ -333,6 +336,8 @@ def _load_json(payload: bytes) -> Any:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MessageRejected("malformed_json", str(exc)) from None
+    except RecursionError:  # e.g. 60 000 nested '[': small, but deeper than Python goes
+        raise MessageRejected("malformed_json", "JSON nested too deeply") from None
 
 
 def _describe(exc: ValidationError) -> str:

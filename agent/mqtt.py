@@ -85,6 +85,7 @@ class Inbound:
 
     topic: str
     payload: bytes
+    retained: bool = False
     _ack: Callable[[], object] | None = None
 
     def ack(self) -> None:
@@ -113,7 +114,13 @@ class MqttLink:
         keepalive: int = 15,
         max_backoff: int = 30,
         manual_ack: bool = False,
+        receive_maximum: int | None = None,
+        session_expiry_s: int | None = None,
     ) -> None:
+        """``receive_maximum`` caps unacknowledged QoS>0 messages the broker sends us (flow
+        control: a consumer with a bounded queue never blocks paho's thread).
+        ``session_expiry_s`` keeps our session, subscriptions and unacknowledged messages on
+        the broker across a disconnect or restart of this process (needs a stable id)."""
         self.broker = broker
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
@@ -122,6 +129,11 @@ class MqttLink:
         self._state = _State.UNOPENED
         self._connected = threading.Event()
         self._manual_ack = manual_ack
+        self._receive_maximum = receive_maximum
+        self._session_expiry_s = session_expiry_s
+        # Bumped on every connection: a PUBACK for a message from an earlier connection
+        # would acknowledge whatever reuses its packet id now, so it is dropped instead.
+        self._connection_generation = 0
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -129,7 +141,8 @@ class MqttLink:
             manual_ack=manual_ack,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=max_backoff)
-        self._client.max_queued_messages_set(0)  # paho's own in-memory queue is unbounded
+        # 0 = unbounded: paho holds QoS 1 publishes made while offline until reconnect.
+        self._client.max_queued_messages_set(0)
         if broker.username:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls:
@@ -151,9 +164,18 @@ class MqttLink:
             raise RuntimeError(f"cannot start a link that is {self._state.value}")
         self._state = _State.OPENED
         self._arm_will()
+        properties = Properties(PacketTypes.CONNECT)
+        if self._receive_maximum is not None:
+            properties.ReceiveMaximum = self._receive_maximum
+        if self._session_expiry_s is not None:
+            properties.SessionExpiryInterval = self._session_expiry_s
         try:
             self._client.connect_async(
-                self.broker.host, self.broker.port, keepalive=self._keepalive, clean_start=True
+                self.broker.host,
+                self.broker.port,
+                keepalive=self._keepalive,
+                clean_start=self._session_expiry_s is None,
+                properties=properties,
             )
         except (OSError, ValueError) as exc:
             raise LinkError(f"cannot connect to {self.broker}: {exc}") from exc
@@ -203,6 +225,7 @@ class MqttLink:
             log.warning("broker %s refused the connection: %s", self.broker, reason_code)
             return
         log.info("connected to %s", self.broker)
+        self._connection_generation += 1
         self._connected.set()
         if self._on_connect_cb is not None:
             try:
@@ -219,12 +242,22 @@ class MqttLink:
             # The next attempt announces a new connection with its own Last Will.
             self._arm_will()
 
+    def _ack_for(self, mid: int, qos: int) -> Callable[[], None]:
+        generation = self._connection_generation
+
+        def ack() -> None:
+            if generation == self._connection_generation and self._connected.is_set():
+                self._client.ack(mid, qos)
+            # else: the broker redelivers it on the new connection; we must not PUBACK a
+            # packet id that now belongs to another message.
+
+        return ack
+
     def _handle_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         ack = None
         if self._manual_ack and message.qos > 0:
-            mid, qos = message.mid, message.qos
-            ack = lambda: self._client.ack(mid, qos)  # noqa: E731
+            ack = self._ack_for(message.mid, message.qos)
         try:
-            self._on_message_cb(Inbound(message.topic, message.payload, ack))
+            self._on_message_cb(Inbound(message.topic, message.payload, message.retain, ack))
         except Exception:
             log.exception("handler failed for a message on %s", message.topic)

@@ -5,12 +5,15 @@ several fleet workers may see the same retained message:
 
 * reported state and heartbeats apply only if their ``seq`` is newer than the stored one;
 * status follows the connection rule from ``agent.contract``: a newer connection wins,
-  and within one connection the only move is online -> offline.
+  and within one connection the only move is online -> offline;
+* ``last_seen`` moves only for fresh messages: a retained copy replayed to a (re)starting
+  fleet says nothing about when the device was last there.
 """
 
 from __future__ import annotations
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
 from agent.contract import HeartbeatTelemetry, ReportedState, StatusMessage, utcnow
@@ -26,23 +29,29 @@ __all__ = [
 ]
 
 
+def _insert_ignoring_conflict(session: Session, device_id: str) -> None:
+    """Register a device unless another worker just did: one statement, no savepoint (pysqlite
+    commits on RELEASE SAVEPOINT, which would break the caller's transaction on SQLite)."""
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    now = utcnow()
+    session.execute(
+        insert(Device).values(id=device_id, first_seen=now).on_conflict_do_nothing()
+    )
+
+
 def _device_for_update(session: Session, device_id: str) -> Device:
     device = session.get(Device, device_id, with_for_update=True)
-    if device is not None:
-        return device
-    try:
-        with session.begin_nested():
-            device = Device(id=device_id)
-            session.add(device)
-    except IntegrityError:  # another worker registered it at the same moment
+    if device is None:
+        _insert_ignoring_conflict(session, device_id)
         device = session.get(Device, device_id, with_for_update=True)
         assert device is not None
     return device
 
 
-def apply_status(session: Session, message: StatusMessage) -> bool:
+def apply_status(session: Session, message: StatusMessage, fresh: bool = True) -> bool:
     device = _device_for_update(session, message.device_id)
-    device.last_seen = utcnow()
+    if fresh:
+        device.last_seen = utcnow()
     newer = message.connection > device.connection
     same_going_offline = message.connection == device.connection and message.state == "offline"
     if not (newer or same_going_offline):
@@ -52,9 +61,10 @@ def apply_status(session: Session, message: StatusMessage) -> bool:
     return True
 
 
-def apply_reported(session: Session, message: ReportedState) -> bool:
+def apply_reported(session: Session, message: ReportedState, fresh: bool = True) -> bool:
     device = _device_for_update(session, message.device_id)
-    device.last_seen = utcnow()
+    if fresh:
+        device.last_seen = utcnow()
     if message.seq <= device.reported_seq:
         return False
     device.reported_seq = message.seq

@@ -78,7 +78,16 @@ class IngestMetrics:
 
 
 class IngestWorker:
-    def __init__(self, broker: BrokerAddress, engine: Engine, queue_max: int = 10_000) -> None:
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        engine: Engine,
+        queue_max: int = 10_000,
+        worker_id: str | None = None,
+        session_expiry_s: int = 3600,
+    ) -> None:
+        """``worker_id`` must be stable across restarts of the same worker: the broker keeps
+        its session (subscriptions, unacknowledged messages) for ``session_expiry_s``."""
         self.engine = engine
         self.metrics = IngestMetrics()
         self._queue: queue.Queue[Inbound | None] = queue.Queue(maxsize=queue_max)
@@ -86,10 +95,14 @@ class IngestWorker:
         self._stopping = threading.Event()
         self.link = MqttLink(
             broker,
-            client_id=f"edgefleet-fleet-{uuid.uuid4().hex[:12]}",
+            client_id=f"edgefleet-fleet-{worker_id or uuid.uuid4().hex[:12]}",
             on_message=self._enqueue,
             on_connect=self._subscribe,
             manual_ack=True,
+            # The broker never has more unacknowledged messages out to us than the queue
+            # holds, so _enqueue never blocks paho's thread (and its keepalives).
+            receive_maximum=min(queue_max, 65535),
+            session_expiry_s=session_expiry_s if worker_id else None,
         )
 
     @property
@@ -100,11 +113,12 @@ class IngestWorker:
         self._writer.start()
         self.link.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self.link.close()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Store (and acknowledge) what is queued, then disconnect."""
         self._queue.put(None)
         self._writer.join(timeout)
+        self._stopping.set()
+        self.link.close()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.link.wait_connected(timeout)
@@ -114,7 +128,6 @@ class IngestWorker:
             self.link.subscribe(name, qos=1)
 
     def _enqueue(self, message: Inbound) -> None:
-        # Blocking here is back-pressure: paho stops reading, the broker queues for us.
         self._queue.put(message)
 
     def _write_loop(self) -> None:
@@ -122,7 +135,12 @@ class IngestWorker:
             message = self._queue.get()
             if message is None:
                 return
-            self._handle(message)
+            try:
+                self._handle(message)
+            except Exception:  # never let one message end the writer
+                log.exception("unexpected failure on a message on %s", message.topic)
+                self.metrics.reject("apply_error")
+                message.ack()
 
     def _handle(self, message: Inbound) -> None:
         try:
@@ -135,7 +153,7 @@ class IngestWorker:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                self._apply(decoded)
+                self._apply(decoded, fresh=not message.retained)
                 break
             except OperationalError as exc:  # database away: keep the message, retry
                 log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
@@ -151,12 +169,13 @@ class IngestWorker:
         self.metrics.accept(decoded.kind)
         message.ack()
 
-    def _apply(self, message) -> None:
+    def _apply(self, message, fresh: bool) -> None:
+        """``fresh``: not a retained copy, so it proves the device was just there."""
         with Session(self.engine) as session:
             if isinstance(message, StatusMessage):
-                devices.apply_status(session, message)
+                devices.apply_status(session, message, fresh)
             elif isinstance(message, ReportedState):
-                devices.apply_reported(session, message)
+                devices.apply_reported(session, message, fresh)
             elif isinstance(message, HeartbeatTelemetry):
                 devices.apply_heartbeat(session, message)
             else:  # events and drift are stored by the features that use them

@@ -8,7 +8,9 @@ is stopped with us.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,8 +31,8 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _exit_on_signal(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)  # a requested stop that completed its clean-up is a success
 
 
 def _start_local_agent(settings: Settings, broker_url: str, device_id: str) -> subprocess.Popen:
@@ -41,7 +43,6 @@ def _start_local_agent(settings: Settings, broker_url: str, device_id: str) -> s
     command = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
     command += [
         "run",
-        "--broker", broker_url,
         "--device-id", device_id,
         "--state-dir", str(agents_dir / device_id),
         "--interval", "5",
@@ -53,6 +54,8 @@ def _start_local_agent(settings: Settings, broker_url: str, device_id: str) -> s
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the fleet, which stops the agent first
+            # In the environment, not argv: a broker password must not show in `ps`.
+            env={**os.environ, "EDGE_AGENT_BROKER": broker_url},
         )
 
 
@@ -79,7 +82,10 @@ def serve(
         say(f"broker: {BrokerAddress.parse(broker_url)}")
 
     ingest = IngestWorker(
-        BrokerAddress.parse(broker_url), engine, queue_max=settings.ingest_queue_max
+        BrokerAddress.parse(broker_url),
+        engine,
+        queue_max=settings.ingest_queue_max,
+        worker_id=settings.worker_id or f"{socket.gethostname()}-{settings.port}",
     )
     ingest.start()
     app = create_app(engine, ingest)

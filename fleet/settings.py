@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     ingest_queue_max: int = 10_000
+    # Stable per worker (default: host name + API port), so the broker keeps this worker's
+    # session and unacknowledged messages across its restarts.
+    worker_id: str | None = None
 
     @property
     def resolved_database_url(self) -> str:

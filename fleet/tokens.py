@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -32,14 +33,22 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, *, role: Role, name: str) -> tuple[ApiToken, str]:
-    """Store a new token's hash; return the row and the plain token (shown once)."""
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def store_token(session: Session, token: str, *, role: Role, name: str) -> ApiToken:
     row = ApiToken(name=name, role=role, token_hash=hash_token(token))
     session.add(row)
     session.commit()
     session.refresh(row)
-    return row, token
+    return row
+
+
+def create_token(session: Session, *, role: Role, name: str) -> tuple[ApiToken, str]:
+    """Store a new token's hash; return the row and the plain token (shown once)."""
+    token = new_token()
+    return store_token(session, token, role=role, name=name), token
 
 
 def authenticate(session: Session, token: str) -> ApiToken | None:
@@ -56,10 +65,10 @@ def list_tokens(session: Session) -> list[ApiToken]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a secret so that it is never readable by others, not even for a moment."""
+    """Write a secret so that it is never readable by others, not even for a moment:
+    a fresh 0600 temp file (mkstemp: O_EXCL, no symlink games), fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -77,6 +86,9 @@ def ensure_admin_token(engine: Engine, token_file: Path) -> bool:
     with Session(engine) as session:
         if session.exec(select(ApiToken.id).limit(1)).first() is not None:
             return False
-        _, token = create_token(session, role=Role.ADMIN, name="initial admin")
-    _write_private(token_file, token + "\n")
+        token = new_token()
+        # The file first: if it cannot be written, no token exists that nobody holds, and
+        # the next start tries again.
+        _write_private(token_file, token + "\n")
+        store_token(session, token, role=Role.ADMIN, name="initial admin")
     return True

@@ -38,6 +38,21 @@ BAD_MESSAGES = {
     "heartbeat_on_drift_channel": (
         topic("dev-a", "drift"), encode(_heartbeat("dev-a", 1)), "invalid"
     ),
+    "nested_too_deep": (topic("dev-a", "telemetry"), b"[" * 60_000, "malformed_json"),
+    "infinite_number": (
+        topic("dev-a", "telemetry"),
+        encode(_heartbeat("dev-a", 1)).replace(b'"uptime_s":1.0', b'"uptime_s":Infinity'),
+        "invalid",
+    ),
+    "version_over_int32": (
+        topic("dev-a", "reported"),
+        json.dumps({
+            "device_id": "dev-a", "seq": 1, "sent_at": "2026-01-01T00:00:00Z",
+            "agent_version": "1", "active_model": {"name": "m", "version": 2**31},
+            "platform": {"system": "L", "release": "1", "machine": "x", "python": "3"},
+        }).encode(),
+        "invalid",
+    ),
     # dev-a's connection publishing a message that claims to be dev-b
     "wrong_device": (topic("dev-a", "telemetry"), encode(_heartbeat("dev-b", 1)), "wrong_device"),
 }
