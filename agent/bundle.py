@@ -34,6 +34,7 @@ from agent.errors import (
     ManifestError,
     UnsafeArchiveError,
 )
+from agent.faults import crash_point
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -160,6 +161,7 @@ def _extract_members(tar: tarfile.TarFile, dest: Path, max_bytes: int) -> Bundle
         source = tar.extractfile(member)
         assert source is not None
         sha256, size = _copy_hashing(source, dest / member.name, entry.size)
+        crash_point("during_unpack")
         if size != entry.size or sha256 != entry.sha256:
             raise LengthOrHashMismatchError(
                 f"{member.name}: sha256 {sha256[:16]}…, manifest says {entry.sha256[:16]}…"

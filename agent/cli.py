@@ -45,14 +45,26 @@ def _build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("EDGE_AGENT_DEVICE_ID") or _default_device_id(),
         help="this device's id (default: the host name; env EDGE_AGENT_DEVICE_ID)",
     )
+    state_dir_default = Path(os.environ.get("EDGE_AGENT_STATE_DIR") or _default_state_dir())
     run.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(os.environ.get("EDGE_AGENT_STATE_DIR") or _default_state_dir()),
+        default=state_dir_default,
         help="where the agent keeps its state (env EDGE_AGENT_STATE_DIR)",
     )
     run.add_argument("--interval", type=float, default=10.0, help="heartbeat seconds")
     run.add_argument("--keepalive", type=int, default=15, help="MQTT keepalive seconds")
+    run.add_argument("--fleet", help="fleet URL for bundles (default: the enrolled one)")
+    run.add_argument("--max-bundle-mb", type=float, default=512.0,
+                     help="refuse bundles larger than this (default 512)")
+
+    enroll = commands.add_parser("enroll", help="pin the fleet's root of trust (once)")
+    enroll.add_argument("--fleet", required=True, help="fleet URL, e.g. http://fleet:8000")
+    enroll.add_argument("--state-dir", type=Path, default=state_dir_default)
+    enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
+
+    rollback = commands.add_parser("rollback", help="switch back to the previous model")
+    rollback.add_argument("--state-dir", type=Path, default=state_dir_default)
 
     infer = commands.add_parser("infer", help="run a model on input data, print JSON outputs")
     infer.add_argument("model", type=Path, help="a .onnx model file")
@@ -90,6 +102,8 @@ def _run(args: argparse.Namespace) -> int:
                 state_dir=args.state_dir,
                 interval_s=args.interval,
                 keepalive_s=args.keepalive,
+                fleet_url=args.fleet,
+                max_bundle_bytes=int(args.max_bundle_mb * 1024 * 1024),
             )
         )
     except OSError as exc:
@@ -98,6 +112,46 @@ def _run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     daemon.run()
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from agent.errors import TrustError
+    from agent.state import AgentState
+    from agent.trust.client import enroll
+
+    state = AgentState(args.state_dir)
+    try:
+        if state.fleet_url and not args.force:
+            print(f"error: already enrolled with {state.fleet_url} (use --force to replace)",
+                  file=sys.stderr)
+            return 2
+        root = enroll(args.fleet, args.state_dir / "tuf")
+        state.put("fleet_url", args.fleet.rstrip("/"))
+    except TrustError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        state.close()
+    keyids = ", ".join(k[:12] for k in root.roles["root"].keyids)
+    print(f"enrolled with {args.fleet}: root v{root.version}, root keys {keyids}, "
+          f"threshold {root.roles['root'].threshold}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from agent.errors import UpdateError
+    from agent.installer import Installer
+
+    installer = Installer(args.state_dir, None, lambda *a, **k: None, max_bundle_bytes=0)
+    try:
+        loaded = installer.rollback()
+    except UpdateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    loaded.engine.close()
+    print(f"rolled back to {loaded.manifest.name} v{loaded.manifest.version} "
+          f"(slot {loaded.slot}); a running agent switches within one heartbeat")
     return 0
 
 
@@ -110,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "run":
         return _run(args)
+    if args.command == "enroll":
+        return _enroll(args)
+    if args.command == "rollback":
+        return _rollback(args)
     from agent.infer_cmd import infer_main
 
     return infer_main(args.model, args.input_path, providers=args.providers)

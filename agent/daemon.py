@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import queue
 import threading
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from agent import __version__
 from agent.contract import (
+    ActiveModel,
     Channel,
-    DesiredState,
     EventMessage,
     HeartbeatTelemetry,
     MessageRejected,
@@ -38,10 +39,19 @@ from agent.contract import (
     topic,
     utcnow,
 )
+from agent.errors import (
+    StaleDesiredStateError,
+    TrustError,
+    UnsignedDesiredStateError,
+    UpdateError,
+)
+from agent.installer import Installer, LoadedModel
 from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
 from agent.process_stats import ProcessSampler
 from agent.state import AgentState
 from agent.stats import InferenceStats
+from agent.trust.client import BundleClient
+from agent.trust.desired import verify_desired
 
 __all__ = ["AgentConfig", "AgentDaemon", "platform_info"]
 
@@ -66,6 +76,13 @@ def platform_info() -> PlatformInfo:
     )
 
 
+DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+# Failures that the same bytes will repeat: retrying cannot help, a new desired state can.
+PERMANENT_FAILURES = frozenset(
+    {"health_check_failed", "unsafe_archive", "bad_manifest", "hash_mismatch", "too_large"}
+)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     broker: BrokerAddress
@@ -73,6 +90,10 @@ class AgentConfig:
     state_dir: Path
     interval_s: float = 10.0
     keepalive_s: int = 15
+    fleet_url: str | None = None  # default: the URL given at enrollment
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+    retry_initial_s: float = 5.0
+    retry_max_s: float = 600.0
 
 
 class AgentDaemon:
@@ -82,6 +103,22 @@ class AgentDaemon:
         self.state = AgentState(config.state_dir)
         self._sampler = ProcessSampler()
         self._platform = platform_info()
+        fleet_url = config.fleet_url or self.state.fleet_url
+        self.client = (
+            BundleClient(fleet_url, config.state_dir, max_bundle_bytes=config.max_bundle_bytes)
+            if fleet_url
+            else None
+        )
+        self.installer = Installer(
+            config.state_dir, self.client, self._event, config.max_bundle_bytes
+        )
+        self.model: LoadedModel | None = None
+        self._model_lock = threading.Lock()
+        # Desired-state payloads go to one worker thread: verification may refresh TUF
+        # metadata and installs take long; neither may run in paho's network thread.
+        self._work: queue.Queue[bytes | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work_loop, name="installer", daemon=True)
+        self._retry_delay = config.retry_initial_s
         self._stop = threading.Event()
         self._publish_lock = threading.Lock()
         # The connection id is the seq reserved for that connection's Last Will.
@@ -123,10 +160,13 @@ class AgentDaemon:
 
     def _reported(self) -> ReportedState:
         desired = self.state.desired()
+        model = self.model
         return ReportedState(
             **self._envelope(),
             agent_version=__version__,
-            active_model=None,
+            active_model=ActiveModel(name=model.manifest.name, version=model.manifest.version)
+            if model
+            else None,
             platform=self._platform,
             desired_generation=desired.generation if desired else None,
             desired_bundle=desired.bundle if desired else None,
@@ -137,7 +177,11 @@ class AgentDaemon:
             self.link.publish(self._topic(channel), encode(message), qos=1, retain=retain)
 
     def _event(self, event: str, **detail) -> None:
+        log.info("event %s %s", event, detail)
         self._publish(Channel.EVENTS, EventMessage(**self._envelope(), event=event, detail=detail))
+
+    def _publish_reported(self) -> None:
+        self._publish(Channel.REPORTED, self._reported(), retain=True)
 
     def _on_connect(self) -> None:
         self._connection = self._armed_connection
@@ -149,37 +193,116 @@ class AgentDaemon:
         if message.topic != self._topic(Channel.DESIRED):
             log.warning("ignoring a message on unexpected topic %s", message.topic)
             return
-        if not message.payload:  # a cleared retained desired state
-            return
-        try:
-            desired = decode_desired(self.config.device_id, message.payload)
-        except MessageRejected as exc:
-            log.warning("refused desired state: %s", exc)
-            self._event("desired_rejected", reason=exc.reason, detail=exc.detail)
-            return
-        self._apply_desired(desired)
+        if message.payload:  # an empty retained payload clears the desired state
+            self._work.put(message.payload)
 
-    def _apply_desired(self, desired: DesiredState) -> None:
-        current = self.state.desired()
-        if current is not None and desired.generation == current.generation:
-            return  # the retained copy, seen again after a reconnect
-        if not self.state.accept_desired(desired):
-            log.warning(
-                "refused desired generation %d: generation %d was already accepted",
-                desired.generation,
-                current.generation if current else 0,
-            )
-            self._event(
-                "desired_rejected",
-                reason="stale_generation",
-                detail=f"generation {desired.generation} is not newer than "
-                f"{current.generation if current else 0}",
-            )
+    # ---------------------------------------------------------------- the worker
+
+    def _work_loop(self) -> None:
+        """Accept desired states and reconcile, one thing at a time, retrying failures."""
+        timeout: float | None = 0  # reconcile once at start-up
+        while True:
+            try:
+                payload = self._work.get(timeout=timeout)
+            except queue.Empty:
+                payload = b""
+            if payload is None:
+                return
+            try:
+                if payload:
+                    self._accept_desired(payload)
+                retry = self._reconcile()
+            except Exception:  # the worker must outlive any bug
+                log.exception("installer worker failed")
+                retry = True
+            if retry:
+                timeout = self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, self.config.retry_max_s)
+            else:
+                timeout = None
+                self._retry_delay = self.config.retry_initial_s
+
+    def _accept_desired(self, payload: bytes) -> None:
+        try:
+            envelope, raw_signed = decode_desired(self.config.device_id, payload)
+            self._verify_desired(envelope, raw_signed)
+            desired = envelope.signed
+            current = self.state.desired()
+            if current is not None and desired.generation == current.generation:
+                return  # the retained copy, seen again after a reconnect
+            if not self.state.accept_desired(desired):
+                raise StaleDesiredStateError(
+                    f"refused desired generation {desired.generation}: generation "
+                    f"{current.generation if current else 0} was already accepted"
+                )
+        except MessageRejected as exc:
+            reason = "unsigned_desired_state" if exc.reason == "unsigned" else exc.reason
+            log.warning("refused desired state: %s", exc)
+            self._event("desired_rejected", reason=reason, detail=exc.detail)
+            return
+        except UpdateError as exc:
+            log.warning("refused desired state: %s", exc)
+            self._event("desired_rejected", reason=exc.reason, detail=str(exc))
             return
         bundle = desired.bundle.model_dump() if desired.bundle else None
         log.info("accepted desired generation %d: bundle %s", desired.generation, bundle)
         self._event("desired_received", generation=desired.generation, bundle=bundle)
-        self._publish(Channel.REPORTED, self._reported(), retain=True)
+        self._retry_delay = self.config.retry_initial_s
+        self._publish_reported()
+
+    def _verify_desired(self, envelope, raw_signed: dict) -> None:
+        if self.client is None or not self.client.enrolled:
+            raise UnsignedDesiredStateError(
+                "not enrolled: no trusted root to check desired-state signatures against"
+            )
+        try:
+            verify_desired(envelope, raw_signed, self.client.director_keys())
+        except UnsignedDesiredStateError:
+            # Perhaps the director key was rotated: refresh the trusted root, try once more.
+            try:
+                self.client.refresh()
+            except TrustError as exc:
+                log.warning("metadata refresh failed: %s", exc)
+                raise
+            verify_desired(envelope, raw_signed, self.client.director_keys())
+
+    def _reconcile(self) -> bool:
+        """Act on the accepted desired state if not done yet; True = try again later."""
+        desired = self.state.desired()
+        if desired is None or desired.generation <= self.state.applied_generation:
+            return False
+        if desired.bundle is None:
+            self.state.mark_applied(desired.generation)
+            return False
+        installed = self.installer.install(desired.bundle, self.model)
+        if installed is None:
+            reason = self.installer.last_failure_reason
+            if reason not in PERMANENT_FAILURES:
+                log.info("will retry the install in %.0fs", self._retry_delay)
+                return True
+        else:
+            self._swap_model(installed)
+        self.state.mark_applied(desired.generation)
+        return False
+
+    def _swap_model(self, new: LoadedModel) -> None:
+        with self._model_lock:
+            old, self.model = self.model, new
+        if old is not None and old is not new:
+            old.engine.close()
+        if self.link.connected:
+            self._publish_reported()
+
+    def _follow_external_switch(self) -> None:
+        """``edge-agent rollback`` switches slots on disk; serve what ``current`` says."""
+        active = self.installer.slots.active()
+        if active is None or (self.model is not None and self.model.slot == active):
+            return
+        loaded = self.installer.load_active()
+        if loaded is not None:
+            log.info("slot switched on disk: now serving %s v%d",
+                     loaded.manifest.name, loaded.manifest.version)
+            self._swap_model(loaded)
 
     def heartbeat(self) -> HeartbeatTelemetry:
         sample = self._sampler.sample()
@@ -203,15 +326,24 @@ class AgentDaemon:
             self.config.broker,
             self.config.state_dir,
         )
-        self.link.start()
+        self.link.start()  # publishes made before the connection is up are queued
+        loaded = self.installer.load_active()
+        if loaded is not None:
+            log.info("serving %s v%d from slot %s", loaded.manifest.name,
+                     loaded.manifest.version, loaded.slot)
+            self._swap_model(loaded)
+        self._worker.start()
         try:
             while not self._stop.wait(self.config.interval_s):
+                self._follow_external_switch()
                 if self.link.connected:
                     self._publish(Channel.TELEMETRY, self.heartbeat())
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self._work.put(None)
+        self._worker.join(timeout=5)
         if self.link.connected:
             info = self.link.publish(
                 self._topic(Channel.STATUS), encode(self._status("offline")), qos=1, retain=True
@@ -220,5 +352,7 @@ class AgentDaemon:
             with contextlib.suppress(RuntimeError):
                 info.wait_for_publish(timeout=3)
         self.link.close()
+        if self.model is not None:
+            self.model.engine.close()
         self.state.close()
         log.info("agent stopped")

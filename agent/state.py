@@ -70,6 +70,26 @@ class AgentState:
                 raise
             return current + 1
 
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._get(key)
+
+    def put(self, key: str, value: str) -> None:
+        with self._lock:
+            self._put(key, value)
+
+    @property
+    def fleet_url(self) -> str | None:
+        return self.get("fleet_url")
+
+    @property
+    def applied_generation(self) -> int:
+        """The newest desired generation the agent has finished acting on (done or failed)."""
+        return int(self.get("applied_generation") or 0)
+
+    def mark_applied(self, generation: int) -> None:
+        self.put("applied_generation", str(generation))
+
     def desired(self) -> DesiredState | None:
         with self._lock:
             raw = self._get("desired")

@@ -13,6 +13,8 @@ from agent.contract import (
     EventMessage,
     HeartbeatTelemetry,
     MessageRejected,
+    SignatureEntry,
+    SignedDesiredState,
     StatusMessage,
     decode_desired,
     decode_device_message,
@@ -113,8 +115,23 @@ def test_unsafe_device_ids_are_invalid(device_id):
         )
 
 
+def _signed(desired: DesiredState) -> bytes:
+    return encode(
+        SignedDesiredState(signed=desired, signatures=[SignatureEntry(keyid="a" * 64, sig="00")])
+    )
+
+
 def test_desired_state_for_another_device_is_refused():
     desired = DesiredState(device_id="dev-2", generation=1, bundle=None, issued_at=utcnow())
     with pytest.raises(MessageRejected) as caught:
-        decode_desired("dev-1", encode(desired))
+        decode_desired("dev-1", _signed(desired))
     assert caught.value.reason == "wrong_device"
+
+
+def test_unsigned_desired_state_is_refused_by_name():
+    desired = DesiredState(device_id="dev-1", generation=1, bundle=None, issued_at=utcnow())
+    with pytest.raises(MessageRejected) as caught:
+        decode_desired("dev-1", encode(desired))
+    assert caught.value.reason == "unsigned"
+    envelope, raw = decode_desired("dev-1", _signed(desired))
+    assert envelope.signed == desired and raw["generation"] == 1

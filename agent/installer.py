@@ -1,0 +1,196 @@
+"""The install workflow: desired bundle -> verified, unpacked, healthy, active. All IO.
+
+Order of an install, each step reported as an ``events`` message:
+
+1. ``downloading``: refresh TUF metadata, look up the signed target, stream it to disk
+   verifying length and SHA-256 (resumable);
+2. ``verified``: the file is exactly the signed target;
+3. ``installed``: unpacked into the inactive slot (safe unpack, every file re-hashed);
+4. health check: the slot's model is loaded and must reproduce its samples;
+5. ``healthy``: the slots are switched atomically; the new model serves.
+
+Any failure emits ``failed`` with the error's reason code and leaves ``current`` where it
+was: the previous model never stops serving. A bundle already sitting complete in the
+inactive slot (the previous version, after an update) is reused without a download, which
+is what makes a rollback instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.bundle import extract_bundle, verify_slot
+from agent.contract import BundleManifest, BundleRef
+from agent.errors import InstallError, ManifestError, UpdateError
+from agent.faults import crash_point
+from agent.health import open_checked_engine
+from agent.runtime import Engine
+from agent.slots import SLOT_NAMES, Slots
+from agent.trust.client import BundleClient
+
+__all__ = ["Installer", "LoadedModel"]
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[..., None]
+
+
+@dataclass
+class LoadedModel:
+    slot: str
+    manifest: BundleManifest
+    engine: Engine
+
+
+class Installer:
+    def __init__(
+        self,
+        state_dir: Path,
+        client: BundleClient | None,
+        emit: EventSink,
+        max_bundle_bytes: int,
+    ) -> None:
+        self.slots = Slots(state_dir)
+        self.client = client
+        self.emit = emit
+        self.max_bundle_bytes = max_bundle_bytes
+        self.last_failure_reason: str | None = None
+
+    # ------------------------------------------------------------------ start-up
+
+    def load_active(self) -> LoadedModel | None:
+        """Recover from any crash and load what ``current`` points at, verified.
+
+        If the active slot fails verification (disk corruption), fall back to the other
+        slot when that one is complete and healthy: serving a verified older model beats
+        serving nothing.
+        """
+        self.slots.recover()
+        active = self.slots.active()
+        candidates = [active] if active else []
+        candidates += [n for n in SLOT_NAMES if n != active and active is not None]
+        for name in candidates:
+            if not self.slots.is_complete(name):
+                continue
+            try:
+                loaded = self._load_slot(name)
+            except UpdateError as exc:
+                log.error("slot %s does not verify: %s", name, exc)
+                self.emit("failed", reason=exc.reason, detail=f"slot {name}: {exc}")
+                continue
+            if name != active:
+                self.slots.activate(name)
+                log.warning("fell back to slot %s: %s v%d", name, *self._label(loaded))
+            return loaded
+        return None
+
+    def _load_slot(self, name: str) -> LoadedModel:
+        path = self.slots.path(name)
+        manifest = verify_slot(path)
+        engine = open_checked_engine(path, manifest)
+        return LoadedModel(name, manifest, engine)
+
+    @staticmethod
+    def _label(model: LoadedModel) -> tuple[str, int]:
+        return model.manifest.name, model.manifest.version
+
+    # ------------------------------------------------------------------- install
+
+    def install(self, ref: BundleRef, current: LoadedModel | None) -> LoadedModel | None:
+        """Make ``ref`` the active model; return it, or None (and emit failed) on failure."""
+        if current is not None and current.manifest.ref == ref:
+            return current
+        detail: dict[str, Any] = {"bundle": ref.model_dump()}
+        engine = None
+        try:
+            staged, manifest = self._stage_from_inactive(ref) or self._stage_from_fleet(
+                ref, detail
+            )
+            engine = open_checked_engine(self.slots.path(staged), manifest)
+            crash_point("after_health_check")
+            self.slots.activate(staged)
+        except (UpdateError, OSError) as exc:
+            if engine is not None:
+                engine.close()
+            reason = exc.reason if isinstance(exc, UpdateError) else "io_error"
+            self.last_failure_reason = reason
+            log.error("install of %s v%d failed: %s", ref.name, ref.version, exc)
+            self.emit("failed", **detail, reason=reason, detail=str(exc))
+            return None
+        self.emit("healthy", **detail, slot=staged)
+        log.info("now serving %s v%d from slot %s", ref.name, ref.version, staged)
+        return LoadedModel(staged, manifest, engine)
+
+    def rollback(self) -> LoadedModel:
+        """Switch to the other slot if it holds a complete, verified, healthy install."""
+        self.slots.recover()
+        other = self.slots.inactive()
+        if self.slots.active() is None or not self.slots.is_complete(other):
+            raise InstallError("no previous model to roll back to")
+        loaded = self._load_slot(other)
+        self.slots.activate(other)
+        self.emit("rolled_back", slot=other, bundle=loaded.manifest.ref.model_dump())
+        return loaded
+
+    def _manifest(self, slot: str, ref: BundleRef) -> BundleManifest:
+        manifest = verify_slot(self.slots.path(slot))
+        if manifest.ref != ref:
+            raise ManifestError(
+                f"slot {slot} holds {manifest.name} v{manifest.version}, "
+                f"expected {ref.name} v{ref.version}"
+            )
+        return manifest
+
+    def _stage_from_inactive(self, ref: BundleRef) -> tuple[str, BundleManifest] | None:
+        name = self.slots.inactive()
+        if not self.slots.is_complete(name):
+            return None
+        try:
+            manifest = self._manifest(name, ref)
+        except UpdateError:
+            return None
+        log.info("%s v%d is already in slot %s: no download", ref.name, ref.version, name)
+        return name, manifest
+
+    def _stage_from_fleet(
+        self, ref: BundleRef, detail: dict[str, Any]
+    ) -> tuple[str, BundleManifest]:
+        if self.client is None:
+            raise ManifestError("this agent is not enrolled with a fleet: cannot download")
+        self.emit("downloading", **detail)
+        self.client.refresh()
+        info = self.client.target_info(ref.target_name)
+        progress = _ProgressLog(ref.target_name)
+        path = self.client.download(info, progress)
+        detail.update(sha256=info.hashes["sha256"], size=info.length)
+        self.emit("verified", **detail)
+        crash_point("after_download")
+        slot = self.slots.inactive()
+        target = self.slots.clear(slot)
+        manifest = extract_bundle(path, target, self.max_bundle_bytes)
+        if manifest.ref != ref:
+            raise ManifestError(
+                f"{ref.target_name} contains {manifest.name} v{manifest.version}"
+            )
+        path.unlink(missing_ok=True)  # the slot holds it now
+        self.emit("installed", **detail, slot=slot)
+        return slot, manifest
+
+
+class _ProgressLog:
+    """Log every 10 % of a download: visible progress on slow links, not a flood."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._next = 0
+
+    def __call__(self, have: int, total: int) -> None:
+        percent = 100 * have // total if total else 100
+        if percent >= self._next:
+            log.info("downloading %s: %d%% (%.1f / %.1f MB)", self.name, percent,
+                     have / 1e6, total / 1e6)
+            self._next = percent + 10
