@@ -7,7 +7,8 @@ gives an atomic, fsynced update per call without a hand-written write-rename dan
 Invariants:
 
 * :meth:`AgentState.next_seq` never returns the same number twice for one state file, even
-  across crashes: the new value is committed before it is handed out.
+  across crashes: the new value is committed before it is handed out. A new state file
+  starts from the wall clock in microseconds, so a wiped device keeps counting upwards.
 * the accepted desired state is only replaced by one with a greater ``generation``.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from agent.contract import DesiredState
@@ -62,7 +64,11 @@ class AgentState:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                current = int(self._get("seq") or 0)
+                stored = self._get("seq")
+                # A fresh state starts at the clock in microseconds, not 0: a device whose
+                # state was wiped (re-flashed, new SD card) still counts above what the
+                # fleet stored for it, as long as its clock is not behind.
+                current = int(stored) if stored is not None else time.time_ns() // 1000
                 self._put("seq", str(current + 1))
                 self._db.execute("COMMIT")
             except BaseException:

@@ -198,11 +198,17 @@ def write_archive(path: Path, members: dict[str, bytes]) -> None:
     tmp.replace(path)
 
 
-def manifest_json(path: Path) -> dict:
-    """The manifest of a built bundle, for display."""
-    with tarfile.open(path, mode="r:") as tar:
-        member = tar.next()
-        handle = tar.extractfile(member) if member else None
-        if handle is None:
-            raise BuildError(f"{path}: not a bundle")
-        return json.loads(handle.read())
+def manifest_json(path: Path, max_bytes: int) -> dict:
+    """The manifest of a built bundle (its first member), without unpacking the rest."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            member = tar.next()
+            if member is None or member.name != MANIFEST_NAME or not member.isfile():
+                raise BuildError(f"{path}: first member is not {MANIFEST_NAME}")
+            if member.size > max_bytes:
+                raise BuildError(f"{path}: manifest of {member.size} bytes is too large")
+            handle = tar.extractfile(member)
+            assert handle is not None
+            return json.loads(handle.read())
+    except (tarfile.TarError, json.JSONDecodeError) as exc:
+        raise BuildError(f"{path}: not a bundle: {exc}") from exc

@@ -22,8 +22,13 @@ from fleet.settings import Settings
 app = typer.Typer(help="edgefleet fleet service", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens", no_args_is_help=True)
 devices_app = typer.Typer(help="devices", no_args_is_help=True)
+keys_app = typer.Typer(help="signing keys (TUF roles and the desired-state director)",
+                       no_args_is_help=True)
+bundle_app = typer.Typer(help="model bundles", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(devices_app, name="devices")
+app.add_typer(keys_app, name="keys")
+app.add_typer(bundle_app, name="bundle")
 
 console = Console()
 err = Console(stderr=True)
@@ -131,12 +136,14 @@ def _resolve_token(token: str | None) -> str:
     raise typer.Exit(2)
 
 
-def _get(url: str, token: str | None, path: str) -> object:
+def _request(url: str, token: str | None, method: str, path: str, body=None) -> object:
     try:
-        response = httpx.get(
+        response = httpx.request(
+            method,
             url.rstrip("/") + path,
             headers={"Authorization": f"Bearer {_resolve_token(token)}"},
-            timeout=10,
+            json=body,
+            timeout=30,
         )
     except httpx.HTTPError as exc:
         err.print(f"error: cannot reach the fleet at {url}: {exc}")
@@ -146,6 +153,10 @@ def _get(url: str, token: str | None, path: str) -> object:
         err.print(f"error: {response.status_code} {detail}")
         raise typer.Exit(1)
     return response.json()
+
+
+def _get(url: str, token: str | None, path: str) -> object:
+    return _request(url, token, "GET", path)
 
 
 @devices_app.command("list")
@@ -181,6 +192,125 @@ def devices_show(
 ) -> None:
     """Show one device as JSON."""
     console.print_json(data=_get(url, token, f"/api/v1/devices/{device_id}"))
+
+
+def _repository():
+    from fleet.trust.repository import FleetRepository
+
+    return FleetRepository(Settings().data_dir)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"error: {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@keys_app.command("init")
+def keys_init(
+    root_keys: Annotated[int, typer.Option(help="number of root keys")] = 1,
+    root_threshold: Annotated[int, typer.Option(help="root signatures required")] = 1,
+) -> None:
+    """Create root keys (to move offline) and online keys, and sign version 1 metadata."""
+    from fleet.trust.repository import RepositoryConfigError
+
+    repository = _repository()
+    try:
+        repository.init(root_keys=root_keys, root_threshold=root_threshold)
+    except RepositoryConfigError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"root keys:   {repository.keys_dir / 'root'}  <- move these offline")
+    console.print(f"online keys: {repository.keys_dir / 'online'}")
+    console.print(f"metadata:    {repository.metadata_dir}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    role: Annotated[str, typer.Argument(help="root, targets, snapshot, timestamp or director")],
+    root_key_dir: Annotated[
+        Path | None, typer.Option(help="where the (offline) root keys are mounted")
+    ] = None,
+) -> None:
+    """Replace a role's key; root signs the change (root rotation: old and new root keys)."""
+    from fleet.trust.repository import RepositoryConfigError
+
+    try:
+        version = _repository().rotate(role, root_key_dir)
+    except RepositoryConfigError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"rotated {role}: root is now version {version}")
+
+
+@bundle_app.command("build")
+def bundle_build(
+    model: Annotated[Path, typer.Argument(help=".onnx or .tflite model file")],
+    name: Annotated[str, typer.Option(help="bundle name")],
+    version: Annotated[int, typer.Option(help="integer version, higher is newer")],
+    baseline: Annotated[Path | None, typer.Option(help="training inputs .npy (rows, features)")]
+    = None,
+    samples: Annotated[Path | None, typer.Option(help="health-check inputs .npy/.npz")] = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("."),
+) -> None:
+    """Build a bundle: model + manifest + health-check samples + baseline histograms."""
+    from fleet.bundle_build import BuildError, build_bundle
+
+    try:
+        built = build_bundle(
+            model, name=name, version=version, out_dir=out, baseline=baseline, samples=samples
+        )
+    except (BuildError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{built.path}  {built.size} bytes  sha256 {built.sha256}", highlight=False)
+
+
+@bundle_app.command("publish")
+def bundle_publish(file: Annotated[Path, typer.Argument(help="a built bundle")]) -> None:
+    """Add a bundle to the signed repository (targets, snapshot and timestamp re-signed)."""
+    from sqlmodel import Session
+
+    from fleet.bundle_build import BuildError
+    from fleet.db import init_db, make_engine
+    from fleet.registry import BundleExistsError, publish_bundle
+    from fleet.trust.repository import RepositoryConfigError
+
+    if not file.is_file():
+        raise _fail(f"{file}: no such file")
+    engine = make_engine(Settings().resolved_database_url)
+    init_db(engine)
+    try:
+        with Session(engine) as session:
+            row = publish_bundle(session, _repository(), file)
+    except (BuildError, BundleExistsError, RepositoryConfigError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"published {row.name} v{row.version} as {row.target_name} "
+                  f"({row.size} bytes, sha256 {row.sha256[:16]}…)", highlight=False)
+
+
+@bundle_app.command("list")
+def bundle_list(url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """List published bundles."""
+    table = Table("name", "version", "runtime", "size", "sha256", "published")
+    for row in _get(url, token, "/api/v1/bundles"):  # type: ignore[union-attr]
+        table.add_row(row["name"], str(row["version"]), row["runtime"], str(row["size"]),
+                      row["sha256"][:16], row["published_at"])
+    console.print(table)
+
+
+@app.command()
+def deploy(
+    bundle: Annotated[str, typer.Argument(help="bundle name")],
+    version: Annotated[int, typer.Option(help="bundle version")],
+    device: Annotated[list[str], typer.Option("--device", help="device id (repeatable)")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Assign a bundle to devices directly (signed desired state per device)."""
+    result = _request(
+        url, token, "POST", "/api/v1/deployments",
+        {"bundle": bundle, "version": version, "devices": device},
+    )
+    for device_id, generation in result["generations"].items():  # type: ignore[index]
+        console.print(f"{device_id}: {bundle} v{version} (generation {generation})",
+                      highlight=False)
 
 
 def main() -> None:

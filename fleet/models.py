@@ -11,8 +11,9 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import field_validator
-from sqlalchemy import JSON, BigInteger, Column, DateTime
+from pydantic import BaseModel, field_validator
+from pydantic import Field as PydanticField
+from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from agent.contract import utcnow
@@ -135,3 +136,54 @@ class TokenPublic(SQLModel):
     revoked: bool
 
     _utc = field_validator("created_at")(_as_utc)
+
+
+class Bundle(SQLModel, table=True):
+    """A published bundle: the registry's view of a TUF target."""
+
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128, index=True)
+    version: int
+    target_name: str = Field(max_length=256, unique=True)
+    sha256: str = Field(max_length=64)
+    size: int = Field(sa_type=BigInteger)
+    runtime: str = Field(max_length=16)
+    manifest: dict = Field(sa_column=Column(JSON))
+    published_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+
+
+class BundlePublic(SQLModel):
+    name: str
+    version: int
+    target_name: str
+    sha256: str
+    size: int
+    runtime: str
+    published_at: datetime
+
+    _utc = field_validator("published_at")(_as_utc)
+
+
+class DeviceDesired(SQLModel, table=True):
+    """The last desired state the fleet signed for a device; ``generation`` only grows."""
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    generation: int = Field(default=0, sa_type=BigInteger)
+    bundle_name: str | None = Field(default=None, max_length=128)
+    bundle_version: int | None = None
+    issued_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    issued_by: str = Field(default="", max_length=128)
+
+
+class DeploymentCreate(BaseModel):
+    bundle: str = PydanticField(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    version: int = PydanticField(ge=0, lt=2**31)
+    devices: list[str] = PydanticField(min_length=1, max_length=10_000)
+
+
+class DeploymentPublic(BaseModel):
+    bundle: str
+    version: int
+    generations: dict[str, int]

@@ -25,6 +25,8 @@ from fleet.ingest import IngestWorker
 from fleet.local_broker import LocalBroker
 from fleet.settings import Settings
 from fleet.tokens import ensure_admin_token
+from fleet.trust.refresher import MetadataRefresher
+from fleet.trust.repository import FleetRepository
 
 __all__ = ["serve"]
 
@@ -71,6 +73,15 @@ def serve(
     say(f"database: {engine.url.render_as_string(hide_password=True)}")
     if ensure_admin_token(engine, settings.admin_token_file):
         say(f"admin token created: {settings.admin_token_file} (mode 0600; keep it secret)")
+    repository = FleetRepository(settings.data_dir)
+    if not repository.exists:
+        repository.init()
+        say(
+            f"signing keys created: {repository.keys_dir}; move {repository.keys_dir / 'root'} "
+            "offline (it is only needed to rotate keys)"
+        )
+    refresher = MetadataRefresher(repository, settings.metadata_refresh_s)
+    refresher.start()
 
     local_broker = None
     broker_url = settings.broker_url
@@ -88,7 +99,7 @@ def serve(
         worker_id=settings.worker_id or f"{socket.gethostname()}-{settings.port}",
     )
     ingest.start()
-    app = create_app(engine, ingest)
+    app = create_app(engine, ingest, repository)
     agent = None
     if local_agent_id is not None:
         agent = _start_local_agent(settings, broker_url, local_agent_id)
@@ -109,6 +120,7 @@ def serve(
             agent.terminate()
             agent.wait(10)
         ingest.stop()
+        refresher.stop()
         if local_broker is not None:
             local_broker.stop()
         engine.dispose()

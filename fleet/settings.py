@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     # Stable per worker (default: host name + API port), so the broker keeps this worker's
     # session and unacknowledged messages across its restarts.
     worker_id: str | None = None
+    metadata_refresh_s: float = 60.0
 
     @property
     def resolved_database_url(self) -> str:

@@ -65,7 +65,7 @@ def enroll(fleet_url: str, metadata_dir: Path) -> Root:
         raise TrustError(f"cannot fetch {url}: HTTP {response.status}")
     try:
         root_md = Metadata[Root].from_bytes(response.data)
-        root_md.signed.verify_delegate(Root.type, root_md)  # self-signed to threshold
+        root_md.verify_delegate(Root.type, root_md)  # self-signed to its own threshold
     except Exception as exc:
         raise TrustError(f"{url} is not a valid self-signed TUF root: {exc}") from exc
     metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,9 @@ class BundleClient:
             target_base_url=f"{self.fleet_url}/repo/targets/",
             target_dir=str(self.downloads_dir),
             config=UpdaterConfig(),
+            # The trusted root is the one pinned at enrollment, as TUF has since rotated
+            # it in metadata_dir: never anything fetched without that chain.
+            bootstrap=None,
         )
         try:
             updater.refresh()

@@ -16,7 +16,7 @@ from sqlmodel import Session
 from fleet.models import ApiToken, Role
 from fleet.tokens import authenticate
 
-__all__ = ["AdminToken", "CurrentToken", "SessionDep"]
+__all__ = ["AdminToken", "CurrentToken", "OperatorToken", "SessionDep", "require_role"]
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -52,10 +52,22 @@ def get_current_token(
 CurrentToken = Annotated[ApiToken, Depends(get_current_token)]
 
 
-def require_admin(token: CurrentToken) -> ApiToken:
-    if token.role is not Role.ADMIN:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"needs role admin, token has {token.role}")
-    return token
+_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
 
-AdminToken = Annotated[ApiToken, Depends(require_admin)]
+def require_role(minimum: Role):
+    """A dependency that lets through tokens of ``minimum`` role or above (403 otherwise)."""
+
+    def check(token: CurrentToken) -> ApiToken:
+        if _RANK[token.role] < _RANK[minimum]:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"needs role {minimum.value} or above; this token is {token.role.value}",
+            )
+        return token
+
+    return check
+
+
+OperatorToken = Annotated[ApiToken, Depends(require_role(Role.OPERATOR))]
+AdminToken = Annotated[ApiToken, Depends(require_role(Role.ADMIN))]

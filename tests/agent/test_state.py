@@ -18,9 +18,18 @@ def test_seq_keeps_growing_across_reopen(tmp_path):
     first = [state.next_seq() for _ in range(5)]
     state.close()
     reopened = AgentState(tmp_path)
-    assert first == [1, 2, 3, 4, 5]
-    assert reopened.next_seq() == 6
+    assert first == list(range(first[0], first[0] + 5))
+    assert reopened.next_seq() == first[-1] + 1
     reopened.close()
+
+
+def test_a_wiped_state_still_counts_above_the_old_one(tmp_path):
+    old = AgentState(tmp_path / "old")
+    last = max(old.next_seq() for _ in range(3))
+    old.close()
+    fresh = AgentState(tmp_path / "new")  # the same device after its state was lost
+    assert fresh.next_seq() > last
+    fresh.close()
 
 
 def test_only_a_newer_desired_generation_is_accepted(tmp_path):

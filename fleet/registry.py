@@ -1,0 +1,70 @@
+"""Bundle registry: publishing a built bundle into the TUF repository and the database.
+
+The TUF targets metadata is the authority devices trust; the ``bundle`` table is the
+operator's index of it (search, display, deploy by name and version). Publishing writes
+the repository first: a row never names a bundle devices could not fetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from agent.bundle import MAX_MANIFEST_BYTES
+from agent.contract import BundleManifest
+from fleet.bundle_build import BuildError, manifest_json
+from fleet.models import Bundle
+from fleet.trust.repository import FleetRepository
+
+__all__ = ["BundleExistsError", "find_bundle", "list_bundles", "publish_bundle"]
+
+
+class BundleExistsError(ValueError):
+    pass
+
+
+def publish_bundle(session: Session, repository: FleetRepository, path: Path) -> Bundle:
+    if path.stat().st_size < 512:
+        raise BuildError(f"{path}: too small to be a bundle")
+    try:
+        manifest = BundleManifest.model_validate(manifest_json(path, MAX_MANIFEST_BYTES))
+    except ValueError as exc:
+        raise BuildError(f"{path}: not a valid bundle: {exc}") from exc
+    existing = find_bundle(session, manifest.name, manifest.version)
+    digest = hashlib.sha256()
+    with open(path, "rb") as data:
+        while chunk := data.read(1024 * 1024):
+            digest.update(chunk)
+    if existing is not None:
+        if existing.sha256 == digest.hexdigest():
+            return existing  # publishing the same bytes twice is a no-op
+        raise BundleExistsError(
+            f"{manifest.name} v{manifest.version} is already published with other content; "
+            "versions are immutable: build a new version"
+        )
+    target = repository.publish(path, manifest.target_name)
+    row = Bundle(
+        name=manifest.name,
+        version=manifest.version,
+        target_name=manifest.target_name,
+        sha256=target.hashes["sha256"],
+        size=target.length,
+        runtime=manifest.runtime,
+        manifest=manifest.model_dump(mode="json"),
+    )
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row
+
+
+def find_bundle(session: Session, name: str, version: int) -> Bundle | None:
+    return session.exec(
+        select(Bundle).where(Bundle.name == name, Bundle.version == version)
+    ).first()
+
+
+def list_bundles(session: Session) -> list[Bundle]:
+    return list(session.exec(select(Bundle).order_by(Bundle.name, Bundle.version)))
