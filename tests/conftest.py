@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.processes",
     "tests.fixtures.bundles",
+    "tests.fixtures.trust",
 ]
