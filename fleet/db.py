@@ -6,15 +6,15 @@ write concurrently without "database is locked" errors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from fleet import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
-__all__ = ["init_db", "make_engine", "session_scope"]
+__all__ = ["dialect_insert", "init_db", "make_engine"]
 
 
 def make_engine(url: str) -> Engine:
@@ -35,10 +35,12 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+def dialect_insert(session: Session):
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING on both databases."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql_insert
+    return sqlite_insert
+
+
 def init_db(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine)
-
-
-def session_scope(engine: Engine) -> Iterator[Session]:
-    with Session(engine) as session:
-        yield session

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from agent.contract import BundleRef, Channel, DesiredState, is_valid_device_id, topic, utcnow
+from fleet.db import dialect_insert
 from fleet.models import DeviceDesired
 from fleet.registry import find_bundle
 from fleet.trust.director import sign_desired
@@ -33,8 +32,7 @@ class DeploymentError(ValueError):
 
 
 def _locked_row(session: Session, device_id: str) -> DeviceDesired:
-    dialect = session.get_bind().dialect.name
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    insert = dialect_insert(session)
     session.execute(
         insert(DeviceDesired)
         .values(device_id=device_id, generation=0, issued_at=utcnow(), issued_by="")

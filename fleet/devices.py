@@ -12,19 +12,26 @@ several fleet workers may see the same retained message:
 
 from __future__ import annotations
 
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
-from agent.contract import HeartbeatTelemetry, ReportedState, StatusMessage, utcnow
-from fleet.models import Device
+from agent.contract import (
+    EventMessage,
+    HeartbeatTelemetry,
+    ReportedState,
+    StatusMessage,
+    utcnow,
+)
+from fleet.db import dialect_insert
+from fleet.models import Device, DeviceEvent
 
 __all__ = [
+    "apply_event",
     "apply_heartbeat",
     "apply_reported",
     "apply_status",
     "get_device",
     "list_devices",
+    "list_events",
     "touch",
 ]
 
@@ -32,7 +39,7 @@ __all__ = [
 def _insert_ignoring_conflict(session: Session, device_id: str) -> None:
     """Register a device unless another worker just did: one statement, no savepoint (pysqlite
     commits on RELEASE SAVEPOINT, which would break the caller's transaction on SQLite)."""
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    insert = dialect_insert(session)
     now = utcnow()
     session.execute(
         insert(Device).values(id=device_id, first_seen=now).on_conflict_do_nothing()
@@ -87,6 +94,36 @@ def apply_heartbeat(session: Session, message: HeartbeatTelemetry) -> bool:
     )
     device.heartbeat_at = message.sent_at
     return True
+
+
+def apply_event(session: Session, message: EventMessage) -> bool:
+    """Store an event once: a redelivered copy hits the (device_id, seq) constraint."""
+    touch(session, message.device_id)
+    insert = dialect_insert(session)
+    result = session.execute(
+        insert(DeviceEvent)
+        .values(
+            device_id=message.device_id,
+            seq=message.seq,
+            event=message.event,
+            detail=message.detail,
+            sent_at=message.sent_at,
+            received_at=utcnow(),
+        )
+        .on_conflict_do_nothing()
+    )
+    return bool(result.rowcount)
+
+
+def list_events(session: Session, device_id: str, limit: int = 100) -> list[DeviceEvent]:
+    """The newest ``limit`` events of a device, oldest first."""
+    newest = session.exec(
+        select(DeviceEvent)
+        .where(DeviceEvent.device_id == device_id)
+        .order_by(DeviceEvent.seq.desc())  # type: ignore[attr-defined]
+        .limit(limit)
+    )
+    return list(reversed(list(newest)))
 
 
 def touch(session: Session, device_id: str) -> None:

@@ -31,6 +31,7 @@ from sqlmodel import Session
 from agent.contract import (
     TOPIC_ROOT,
     Channel,
+    EventMessage,
     HeartbeatTelemetry,
     MessageRejected,
     ReportedState,
@@ -178,8 +179,8 @@ class IngestWorker:
                 devices.apply_reported(session, message, fresh)
             elif isinstance(message, HeartbeatTelemetry):
                 devices.apply_heartbeat(session, message)
-            else:  # events and drift are stored by the features that use them
-                log.info("%s from %s: %s", message.kind, message.device_id,
-                         getattr(message, "event", ""))
+            elif isinstance(message, EventMessage):
+                devices.apply_event(session, message)
+            else:  # drift is stored by the feature that uses it
                 devices.touch(session, message.device_id)
             session.commit()

@@ -187,3 +187,27 @@ class DeploymentPublic(BaseModel):
     bundle: str
     version: int
     generations: dict[str, int]
+
+
+class DeviceEvent(SQLModel, table=True):
+    """Events devices report (deployment steps, refusals): stored once per (device, seq)."""
+
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, index=True)
+    seq: int = Field(sa_type=BigInteger)
+    event: str = Field(max_length=64)
+    detail: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    sent_at: datetime = Field(sa_type=_tz())
+    received_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+
+
+class DeviceEventPublic(SQLModel):
+    seq: int
+    event: str
+    detail: dict
+    sent_at: datetime
+    received_at: datetime
+
+    _utc = field_validator("sent_at", "received_at")(_as_utc)

@@ -35,14 +35,24 @@ def test_request_without_a_valid_token_gets_401(fleet_server):
             assert "detail" in response.json()
 
 
-def test_healthz_is_the_only_open_route(fleet_server):
+def test_every_api_route_needs_a_token(fleet_server):
+    """Open by design: /healthz, and /repo/ (signed metadata and hash-addressed bundles)."""
     assert httpx.get(fleet_server.url + "/healthz").json()["status"] == "ok"
     spec = httpx.get(fleet_server.url + "/openapi.json").json()
-    api_paths = [path for path in spec["paths"] if path.startswith("/api/")]
-    assert api_paths, "the API has routes"
-    for path in api_paths:
+    api_routes = [
+        (method, path)
+        for path, methods in spec["paths"].items()
+        for method in methods
+        if path.startswith("/api/")
+    ]
+    assert len(api_routes) >= 6, api_routes
+    for method, path in api_routes:
         concrete = path.replace("{device_id}", "x")
-        assert httpx.get(fleet_server.url + concrete).status_code == 401, path
+        response = httpx.request(method, fleet_server.url + concrete, json={})
+        assert response.status_code == 401, (method, path)
+    assert {p for p in spec["paths"] if not p.startswith("/api/")} == {
+        "/healthz", "/repo/metadata/{name}", "/repo/targets/{name}"
+    }
 
 
 def test_first_start_writes_admin_token_to_a_private_file(fleet_server):

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Query, status
 
 from fleet import devices
 from fleet.api.deps import CurrentToken, SessionDep
-from fleet.models import DevicePublic
+from fleet.models import DeviceEventPublic, DevicePublic
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -20,3 +20,17 @@ def get_device(device_id: str, session: SessionDep, _: CurrentToken) -> DevicePu
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     return DevicePublic.from_row(device)
+
+
+@router.get("/{device_id}/events", response_model=list[DeviceEventPublic])
+def device_events(
+    device_id: str,
+    session: SessionDep,
+    _: CurrentToken,
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[DeviceEventPublic]:
+    """Deployment steps and refusals the device reported, oldest first."""
+    return [
+        DeviceEventPublic.model_validate(row, from_attributes=True)
+        for row in devices.list_events(session, device_id, limit)
+    ]
