@@ -28,7 +28,8 @@ def test_deploy_update_rollback_and_refusals(
     fleet_server, mosquitto, agents, raw_mqtt, make_bundle
 ):
     for version, seed in ((1, 0), (2, 1)):
-        published = fleet_server.cli("bundle", "publish", str(make_bundle(version=version, seed=seed).path))
+        bundle = make_bundle(version=version, seed=seed)
+        published = fleet_server.cli("bundle", "publish", str(bundle.path))
         assert published.returncode == 0, published.stderr
         assert f"published detector v{version}" in published.stdout
     assert "enrolled with" in agents.enroll("edge-7", fleet_server.url)
