@@ -40,7 +40,7 @@ from agent.errors import (
 )
 from agent.trust.desired import DirectorKeys
 
-__all__ = ["BundleClient", "enroll"]
+__all__ = ["BundleClient", "HashingWriter", "enroll"]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class BundleClient:
             return final  # completed and verified before a crash
         part = final.with_name(final.name + ".part")
         url = f"{self.fleet_url}/repo/targets/{sha256}.{info.path}"
-        stream = _HashedFile(part, info.length)
+        stream = HashingWriter(part, info.length)
         last_error: Exception | None = None
         for attempt in range(1, self.download_attempts + 1):
             try:
@@ -176,7 +176,7 @@ class BundleClient:
         fsync_dir(self.downloads_dir)
         return final
 
-    def _fetch(self, url: str, stream: _HashedFile, progress: ProgressCallback | None) -> None:
+    def _fetch(self, url: str, stream: HashingWriter, progress: ProgressCallback | None) -> None:
         stream.resync()
         if stream.size == stream.length:
             return
@@ -202,7 +202,7 @@ class BundleClient:
             )
 
 
-class _HashedFile:
+class HashingWriter:
     """A partial download and the SHA-256 of exactly the bytes in it, kept in step.
 
     Bytes are hashed as they are written; after a crash or a failed write the digest is
