@@ -8,9 +8,12 @@ fleet stores. Runs over SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import subprocess
+
 from agent.contract import BundleRef, DesiredState, encode, topic, utcnow
 from fleet.trust.director import sign_desired
 from fleet.trust.repository import FleetRepository
+from tests.fixtures.processes import console_script
 from tests.fixtures.waiting import wait_until
 
 
@@ -48,17 +51,32 @@ def test_deploy_update_rollback_and_refusals(
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 2},
                timeout=20, what="v2 active")
 
-    # A deliberate rollback is a newer desired state naming the older bundle: no download.
+    # On the device: `edge-agent rollback` while the agent runs; it follows within a beat.
+    rolled = subprocess.run(
+        [*console_script("edge-agent"), "rollback", "--state-dir",
+         str(agents.state_dir("edge-7"))],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert rolled.returncode == 0, rolled.stderr
+    assert "rolled back to detector v1" in rolled.stdout
+    wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 1},
+               timeout=10, what="the running agent to follow the rollback")
+
+    # From the fleet, a rollback is a newer desired state naming the older bundle, and an
+    # update to a bundle still in the other slot needs no download.
+    assert _deploy(fleet_server, 2, "edge-7").returncode == 0
+    wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 2},
+               timeout=20, what="v2 again")
     assert _deploy(fleet_server, 1, "edge-7").returncode == 0
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 1},
                timeout=20, what="back on v1")
-    tail = [e["event"] for e in fleet_server.events("edge-7")][-2:]
-    assert tail == ["desired_received", "healthy"]
+    tail = [e["event"] for e in fleet_server.events("edge-7")][-4:]
+    assert tail == ["desired_received", "healthy", "desired_received", "healthy"]
 
-    # A validly signed but older desired state (generation 2 -> v2) replayed by whoever can
+    # A validly signed but older desired state (generation 3 -> v2) replayed by whoever can
     # publish on the broker is refused.
     director = FleetRepository(fleet_server.data_dir).online_signer("director")
-    replay = DesiredState(device_id="edge-7", generation=2,
+    replay = DesiredState(device_id="edge-7", generation=3,
                           bundle=BundleRef(name="detector", version=2), issued_at=utcnow())
     raw_mqtt.publish(topic("edge-7", "desired"), sign_desired(replay, director))
     # An unsigned desired state is refused too.
