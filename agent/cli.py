@@ -57,6 +57,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fleet", help="fleet URL for bundles (default: the enrolled one)")
     run.add_argument("--max-bundle-mb", type=float, default=512.0,
                      help="refuse bundles larger than this (default 512)")
+    run.add_argument("--listen", default=os.environ.get("EDGE_AGENT_LISTEN", "127.0.0.1:8470"),
+                     help="local inference endpoint HOST:PORT, or 'off' (default 127.0.0.1:8470)")
+    run.add_argument("--socket", type=Path, help="serve the endpoint on this Unix socket instead")
+    run.add_argument("--max-request-mb", type=float, default=16.0,
+                     help="largest inference request body (default 16)")
 
     enroll = commands.add_parser("enroll", help="pin the fleet's root of trust (once)")
     enroll.add_argument("--fleet", required=True, help="fleet URL, e.g. http://fleet:8000")
@@ -94,6 +99,14 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: --broker: {exc}", file=sys.stderr)
         return 2
+    listen = None
+    if args.listen != "off" and args.socket is None:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            print(f"error: --listen {args.listen!r}: expected HOST:PORT or 'off'",
+                  file=sys.stderr)
+            return 2
+        listen = (host, int(port))
     try:
         daemon = AgentDaemon(
             AgentConfig(
@@ -104,10 +117,13 @@ def _run(args: argparse.Namespace) -> int:
                 keepalive_s=args.keepalive,
                 fleet_url=args.fleet,
                 max_bundle_bytes=int(args.max_bundle_mb * 1024 * 1024),
+                listen=listen,
+                socket_path=args.socket,
+                max_request_bytes=int(args.max_request_mb * 1024 * 1024),
             )
         )
-    except OSError as exc:
-        print(f"error: state directory {args.state_dir}: {exc}", file=sys.stderr)
+    except OSError as exc:  # state directory not writable, endpoint port taken, ...
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())

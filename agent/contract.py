@@ -256,6 +256,7 @@ class TensorSchema(_Strict):
     name: ShortText
     dtype: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{2,16}$")]
     shape: Annotated[list[Annotated[int, Field(ge=0)] | None], Field(max_length=8)]
+    allow_nan: bool = False  # inputs: requests with NaN are refused unless this is set
 
 
 class FileEntry(_Strict):

@@ -39,6 +39,7 @@ from agent.contract import (
     topic,
     utcnow,
 )
+from agent.endpoint import DEFAULT_MAX_REQUEST_BYTES, InferenceEndpoint
 from agent.errors import (
     StaleDesiredStateError,
     TrustError,
@@ -48,6 +49,7 @@ from agent.errors import (
 from agent.installer import Installer, LoadedModel
 from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
 from agent.process_stats import ProcessSampler
+from agent.serving import ModelHost
 from agent.state import AgentState
 from agent.stats import InferenceStats
 from agent.trust.client import BundleClient
@@ -94,6 +96,10 @@ class AgentConfig:
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     retry_initial_s: float = 5.0
     retry_max_s: float = 600.0
+    # Local inference endpoint: a TCP address, a Unix socket, or neither (None, None).
+    listen: tuple[str, int] | None = ("127.0.0.1", 8470)
+    socket_path: Path | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class AgentDaemon:
@@ -112,8 +118,16 @@ class AgentDaemon:
         self.installer = Installer(
             config.state_dir, self.client, self._event, config.max_bundle_bytes
         )
-        self.model: LoadedModel | None = None
-        self._model_lock = threading.Lock()
+        self.host = ModelHost(self.stats)
+        # Bound here, so a taken port is an error at start-up, not a dead thread later.
+        self.endpoint: InferenceEndpoint | None = None
+        if config.listen is not None or config.socket_path is not None:
+            self.endpoint = InferenceEndpoint(
+                self.host,
+                address=config.listen if config.socket_path is None else None,
+                socket_path=config.socket_path,
+                max_request_bytes=config.max_request_bytes,
+            )
         # Desired-state payloads go to one worker thread: verification may refresh TUF
         # metadata and installs take long; neither may run in paho's network thread.
         self._work: queue.Queue[bytes | None] = queue.Queue()
@@ -160,7 +174,7 @@ class AgentDaemon:
 
     def _reported(self) -> ReportedState:
         desired = self.state.desired()
-        model = self.model
+        model = self.host.current
         return ReportedState(
             **self._envelope(),
             agent_version=__version__,
@@ -274,7 +288,7 @@ class AgentDaemon:
         if desired.bundle is None:
             self.state.mark_applied(desired.generation)
             return False
-        installed = self.installer.install(desired.bundle, self.model)
+        installed = self.installer.install(desired.bundle, self.host.current)
         if installed is None:
             reason = self.installer.last_failure_reason
             if reason not in PERMANENT_FAILURES:
@@ -286,17 +300,16 @@ class AgentDaemon:
         return False
 
     def _swap_model(self, new: LoadedModel) -> None:
-        with self._model_lock:
-            old, self.model = self.model, new
-        if old is not None and old is not new:
-            old.engine.close()
+        """Requests in flight finish on the old engine; new ones go to ``new``."""
+        self.host.swap(new)
         if self.link.connected:
             self._publish_reported()
 
     def _follow_external_switch(self) -> None:
         """``edge-agent rollback`` switches slots on disk; serve what ``current`` says."""
         active = self.installer.slots.active()
-        if active is None or (self.model is not None and self.model.slot == active):
+        current = self.host.current
+        if active is None or (current is not None and current.slot == active):
             return
         loaded = self.installer.load_active()
         if loaded is not None:
@@ -326,6 +339,8 @@ class AgentDaemon:
             self.config.broker,
             self.config.state_dir,
         )
+        if self.endpoint is not None:
+            self.endpoint.start()
         self.link.start()  # publishes made before the connection is up are queued
         loaded = self.installer.load_active()
         if loaded is not None:
@@ -352,7 +367,8 @@ class AgentDaemon:
             with contextlib.suppress(RuntimeError):
                 info.wait_for_publish(timeout=3)
         self.link.close()
-        if self.model is not None:
-            self.model.engine.close()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        self.host.close()
         self.state.close()
         log.info("agent stopped")

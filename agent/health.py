@@ -62,6 +62,7 @@ def open_checked_engine(slot: Path, manifest: BundleManifest, **options) -> Engi
         engine = load_engine(slot / manifest.model_file, **options)
     except EngineError as exc:
         raise HealthCheckError(f"model does not load: {exc}") from exc
+    engine.refuse_nan([spec.name for spec in manifest.inputs if not spec.allow_nan])
     try:
         _check(engine, manifest, slot)
     except BaseException:

@@ -49,8 +49,10 @@ class BuiltBundle:
     size: int
 
 
-def _schema(spec: TensorSpec) -> TensorSchema:
-    return TensorSchema(name=spec.name, dtype=spec.dtype, shape=list(spec.shape))
+def _schema(spec: TensorSpec, allow_nan: bool = False) -> TensorSchema:
+    return TensorSchema(
+        name=spec.name, dtype=spec.dtype, shape=list(spec.shape), allow_nan=allow_nan
+    )
 
 
 def _feature_input(engine: Engine) -> TensorSpec:
@@ -127,6 +129,7 @@ def build_bundle(
     samples: Path | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    allow_nan: bool = False,
 ) -> BuiltBundle:
     runtime = RUNTIME_BY_SUFFIX.get(model.suffix.lower())
     if runtime is None:
@@ -150,7 +153,7 @@ def build_bundle(
             raise BuildError(f"samples do not fit the model: {exc}") from exc
         prepared = {spec.name: np.asarray(inputs[spec.name]).astype(spec.dtype)
                     for spec in engine.inputs}
-        input_schema = [_schema(s) for s in engine.inputs]
+        input_schema = [_schema(s, allow_nan) for s in engine.inputs]
         output_schema = [_schema(s) for s in engine.outputs]
 
     samples_buffer = io.BytesIO()

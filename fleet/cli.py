@@ -249,13 +249,15 @@ def bundle_build(
     = None,
     samples: Annotated[Path | None, typer.Option(help="health-check inputs .npy/.npz")] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("."),
+    allow_nan: Annotated[bool, typer.Option(help="let requests carry NaN inputs")] = False,
 ) -> None:
     """Build a bundle: model + manifest + health-check samples + baseline histograms."""
     from fleet.bundle_build import BuildError, build_bundle
 
     try:
         built = build_bundle(
-            model, name=name, version=version, out_dir=out, baseline=baseline, samples=samples
+            model, name=name, version=version, out_dir=out, baseline=baseline, samples=samples,
+            allow_nan=allow_nan,
         )
     except (BuildError, ValueError) as exc:
         raise _fail(str(exc)) from None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self, TypeAlias
 
@@ -61,6 +61,7 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+    allow_nan: bool = True  # a bundle's schema may forbid NaN (see Engine.refuse_nan)
 
     @property
     def has_batch_dim(self) -> bool:
@@ -104,6 +105,14 @@ class Engine(ABC):
     @property
     def closed(self) -> bool:
         return self._state is _State.CLOSED
+
+    def refuse_nan(self, names: Sequence[str]) -> None:
+        """From now on, requests with NaN in these float inputs are an InputError (a model fed
+        NaN answers garbage, not an error; the bundle's schema says which inputs may)."""
+        refused = set(names)
+        self._inputs = tuple(
+            replace(spec, allow_nan=spec.name not in refused) for spec in self._inputs
+        )
 
     def infer(self, inputs: InputData) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against :attr:`inputs`, run the model, return outputs by name."""
@@ -207,7 +216,14 @@ def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:
                 f"{prefix}: expected shape {spec.describe_shape()}, given {given_shape}: "
                 f"{what} {got}, expected {want}"
             )
-    return np.ascontiguousarray(array, dtype=target)
+    result = np.ascontiguousarray(array, dtype=target)
+    if not spec.allow_nan and target.kind in "fc" and result.size:
+        nans = int(np.count_nonzero(np.isnan(result)))
+        if nans:
+            raise InputError(
+                f"{prefix}: {nans} NaN value(s) given; this model's schema forbids NaN"
+            )
+    return result
 
 
 def _check_cast(prefix: str, array: np.ndarray, target: np.dtype[Any]) -> None:

@@ -1,0 +1,220 @@
+"""The local inference endpoint: HTTP for applications on the device.
+
+Standard library only (``http.server``): the agent stays small on the device, and the
+transport costs are the kernel's, not a framework's. HTTP/1.1 keep-alive, a thread per
+connection. Routes:
+
+* ``POST /v1/infer``: ``application/json`` body ``{"inputs": [...]}`` or
+  ``{"inputs": {"name": [...]}}``; or ``application/x-npy`` (one array, single-input models)
+  / ``application/x-npz`` (arrays by input name). The answer is JSON
+  ``{"model": {"name", "version"}, "outputs": {...}}``, or ``.npy`` bytes of the single
+  output when the request says ``Accept: application/x-npy`` (headers carry the model).
+* ``GET /v1/model``: active name, version, runtime, slot and schemas.
+* ``GET /healthz``.
+
+Errors are JSON ``{"error": "..."}`` with 400 (malformed body), 404, 411/413 (length),
+415 (content type), 422 (input does not fit the model), 503 (no model yet), 500 (the
+runtime failed). Never a stack trace to the client; the agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socketserver
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.runtime import EngineError, InputError
+from agent.serving import ModelHost, NoModelError
+
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "InferenceEndpoint"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+
+
+class _RequestError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgefleet-agent"
+    host: ModelHost
+    max_request_bytes: int
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def address_string(self) -> str:
+        return self.client_address[0] if self.client_address else "unix"
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        try:
+            size = int(length)
+        except ValueError:
+            raise _RequestError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+        if size > self.max_request_bytes:
+            self.close_connection = True  # do not read a body we refuse
+            raise _RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body of {size} bytes is over the {self.max_request_bytes}-byte limit",
+            )
+        return self.rfile.read(size)
+
+    # -- routes -----------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self._json(HTTPStatus.OK, {"status": "ok", "model": self.host.current is not None})
+        elif self.path == "/v1/model":
+            described = self.host.describe()
+            if described is None:
+                self._error(HTTPStatus.SERVICE_UNAVAILABLE, "no model is installed yet")
+            else:
+                self._json(HTTPStatus.OK, described)
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+
+    def do_POST(self) -> None:
+        if self.path != "/v1/infer":
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+            return
+        try:
+            inputs = self._parse_inputs()
+            outputs, model = self.host.infer(inputs)
+        except _RequestError as exc:
+            self._error(exc.status, str(exc))
+            return
+        except InputError as exc:
+            self._error(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc))
+            return
+        except NoModelError as exc:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
+            return
+        except EngineError as exc:
+            log.error("inference failed: %s", exc)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed: {exc}")
+            return
+        name, version = model.manifest.name, model.manifest.version
+        if self.headers.get("Accept") == NPY and len(outputs) == 1:
+            buffer = io.BytesIO()
+            np.save(buffer, next(iter(outputs.values())), allow_pickle=False)
+            self._send(HTTPStatus.OK, buffer.getvalue(), NPY,
+                       X_Model_Name=name, X_Model_Version=str(version))
+            return
+        self._json(HTTPStatus.OK, {
+            "model": {"name": name, "version": version},
+            "outputs": {key: value.tolist() for key, value in outputs.items()},
+        })
+
+    def _parse_inputs(self) -> Any:
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        body = self._body()
+        if content_type in ("application/json", ""):
+            try:
+                document = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise _RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {exc}") from None
+            if not isinstance(document, dict) or "inputs" not in document:
+                raise _RequestError(
+                    HTTPStatus.BAD_REQUEST,
+                    'JSON body must be {"inputs": [...]} or {"inputs": {"name": [...]}}',
+                )
+            return document["inputs"]
+        if content_type in (NPY, NPZ):
+            try:
+                loaded = np.load(io.BytesIO(body), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise _RequestError(
+                    HTTPStatus.BAD_REQUEST, f"body is not a valid {content_type}: {exc}"
+                ) from None
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    return {name: loaded[name] for name in loaded.files}
+            return loaded
+        raise _RequestError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {content_type!r}: use application/json, {NPY} or {NPZ}",
+        )
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self):  # BaseHTTPRequestHandler expects a (host, port)-like address
+        request, _ = super().get_request()
+        return request, ("unix", 0)
+
+
+class InferenceEndpoint:
+    """Serves :class:`ModelHost` on ``host:port`` (TCP) or a Unix socket path."""
+
+    def __init__(
+        self,
+        host: ModelHost,
+        *,
+        address: tuple[str, int] | None = None,
+        socket_path: Path | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        if (address is None) == (socket_path is None):
+            raise ValueError("give exactly one of address or socket_path")
+        handler = type("Handler", (_Handler,), {"host": host,
+                                                 "max_request_bytes": max_request_bytes})
+        if socket_path is not None:
+            if socket_path.exists():
+                socket_path.unlink()  # a stale socket from a previous run
+            self._server: socketserver.BaseServer = _UnixHTTPServer(str(socket_path), handler)
+            os.chmod(socket_path, 0o660)
+            self.where = f"unix:{socket_path}"
+        else:
+            server = ThreadingHTTPServer(address, handler)
+            server.daemon_threads = True
+            self._server = server
+            self.where = f"http://{address[0]}:{server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="endpoint", daemon=True
+        )
+
+    def start(self) -> InferenceEndpoint:
+        self._thread.start()
+        log.info("inference endpoint on %s", self.where)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

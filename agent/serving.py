@@ -1,0 +1,104 @@
+"""The model currently serving, swappable under load without failing a request.
+
+Invariant: a request runs entirely on the engine it leased; :meth:`ModelHost.swap` points new
+leases at the new model at once, and the old engine is closed only when its last in-flight
+request returns. So an update or rollback never fails, truncates or mixes a request, and the
+switch is visible as one clean change of the version in responses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from agent.installer import LoadedModel
+from agent.runtime.engine import InputData
+from agent.stats import InferenceStats
+
+__all__ = ["ModelHost", "NoModelError"]
+
+
+class NoModelError(RuntimeError):
+    """No model is installed yet (or the installed one failed verification)."""
+
+
+class _Lease:
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.inflight = 0
+        self.retired = False
+
+
+class ModelHost:
+    def __init__(self, stats: InferenceStats | None = None) -> None:
+        self.stats = stats or InferenceStats()
+        self._lock = threading.Lock()
+        self._current: _Lease | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        lease = self._current
+        return lease.model if lease else None
+
+    def swap(self, model: LoadedModel | None) -> None:
+        """Serve ``model`` from now on; the previous engine closes once it is idle."""
+        with self._lock:
+            old = self._current
+            if old is not None and model is not None and old.model is model:
+                return
+            self._current = _Lease(model) if model is not None else None
+            close_now = old is not None and old.inflight == 0
+            if old is not None:
+                old.retired = True
+        if close_now:
+            old.model.engine.close()
+
+    @contextmanager
+    def lease(self) -> Iterator[LoadedModel]:
+        with self._lock:
+            lease = self._current
+            if lease is None:
+                raise NoModelError("no model is installed on this device yet")
+            lease.inflight += 1
+        try:
+            yield lease.model
+        finally:
+            with self._lock:
+                lease.inflight -= 1
+                close_now = lease.retired and lease.inflight == 0
+            if close_now:
+                lease.model.engine.close()
+
+    def infer(self, data: InputData) -> tuple[dict[str, np.ndarray], LoadedModel]:
+        """Run one request on the current model; latency and errors go into ``stats``."""
+        with self.lease() as model:
+            started = time.perf_counter()
+            try:
+                outputs = model.engine.infer(data)
+            except Exception:
+                self.stats.record(time.perf_counter() - started, ok=False)
+                raise
+            self.stats.record(time.perf_counter() - started)
+            return outputs, model
+
+    def describe(self) -> dict[str, Any] | None:
+        model = self.current
+        if model is None:
+            return None
+        manifest = model.manifest
+        return {
+            "name": manifest.name,
+            "version": manifest.version,
+            "runtime": manifest.runtime,
+            "slot": model.slot,
+            "inputs": [spec.model_dump() for spec in manifest.inputs],
+            "outputs": [spec.model_dump() for spec in manifest.outputs],
+        }
+
+    def close(self) -> None:
+        self.swap(None)

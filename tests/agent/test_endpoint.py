@@ -1,0 +1,140 @@
+"""The local inference endpoint over real HTTP (TCP and a Unix socket), real onnxruntime.
+
+The model comes from a real bundle unpacked into a slot and health-checked, exactly as the
+daemon loads it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from agent.bundle import extract_bundle
+from agent.endpoint import InferenceEndpoint
+from agent.health import open_checked_engine
+from agent.installer import LoadedModel
+from agent.serving import ModelHost
+from tests.fixtures.models import (
+    build_mlp_onnx,
+    mlp_reference,
+)
+
+
+@pytest.fixture
+def loaded(make_bundle, tmp_path) -> LoadedModel:
+    built = make_bundle(version=4, seed=0)
+    manifest = extract_bundle(built.path, tmp_path / "slot", 1 << 26)
+    return LoadedModel("a", manifest, open_checked_engine(tmp_path / "slot", manifest))
+
+
+@pytest.fixture
+def weights(tmp_path):
+    return build_mlp_onnx(tmp_path / "ref.onnx", seed=0)
+
+
+@pytest.fixture
+def endpoint(loaded):
+    host = ModelHost()
+    host.swap(loaded)
+    server = InferenceEndpoint(host, address=("127.0.0.1", 0), max_request_bytes=64 * 1024)
+    server.start()
+    with httpx.Client(base_url=server.where, timeout=10) as client:
+        yield client, host
+    server.stop()
+    host.close()
+
+
+def test_json_request_matches_the_numpy_reference(endpoint, weights):
+    client, _ = endpoint
+    x = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
+    response = client.post("/v1/infer", json={"inputs": x.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": "detector", "version": 4}
+    np.testing.assert_allclose(body["outputs"]["y"], mlp_reference(weights, x), atol=1e-5)
+
+
+def test_npy_request_and_npy_answer(endpoint, weights):
+    client, _ = endpoint
+    x = np.random.default_rng(4).normal(size=(256, 4)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, x)
+    response = client.post("/v1/infer", content=buffer.getvalue(),
+                           headers={"Content-Type": "application/x-npy",
+                                    "Accept": "application/x-npy"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-model-version"] == "4"
+    y = np.load(io.BytesIO(response.content), allow_pickle=False)
+    np.testing.assert_allclose(y, mlp_reference(weights, x), atol=1e-5)
+
+
+def test_model_description(endpoint):
+    client, _ = endpoint
+    model = client.get("/v1/model").json()
+    assert (model["name"], model["version"], model["runtime"]) == ("detector", 4, "onnx")
+    assert model["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [None, 4],
+                                  "allow_nan": False}
+    assert client.get("/healthz").json() == {"status": "ok", "model": True}
+
+
+BAD_REQUESTS = {
+    "wrong_dtype": ({"json": {"inputs": [["a", "b", "c", "d"]]}}, 422, "expected dtype float32"),
+    "wrong_shape": ({"json": {"inputs": [[[1.0, 2.0, 3.0, 4.0]]]}}, 422, "rank 3, expected 2"),
+    "wrong_feature_count": ({"json": {"inputs": [[1.0, 2.0, 3.0]]}}, 422,
+                            "feature count 3, expected 4"),
+    "nan_forbidden": ({"content": b'{"inputs": [[1.0, NaN, 3.0, 4.0]]}',
+                       "headers": {"Content-Type": "application/json"}}, 422, "NaN"),
+    "too_large": ({"json": {"inputs": [[1.0] * 4] * 5000}}, 413, "over the 65536-byte limit"),
+    "malformed_json": ({"content": b'{"inputs": [[1.0,', "headers":
+                        {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    "not_an_object": ({"json": [[1.0, 2.0, 3.0, 4.0]]}, 400, '{"inputs"'),
+    "bad_npy": ({"content": b"not numpy", "headers": {"Content-Type": "application/x-npy"}},
+                400, "not a valid application/x-npy"),
+    "content_type": ({"content": b"x", "headers": {"Content-Type": "text/plain"}}, 415,
+                     "Content-Type 'text/plain'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_a_clear_4xx_and_the_agent_keeps_serving(endpoint, case):
+    client, host = endpoint
+    request, status, message = BAD_REQUESTS[case]
+    response = client.post("/v1/infer", **request)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert "Traceback" not in response.text
+    fresh = client.post("/v1/infer", json={"inputs": [[0.0] * 4]})
+    assert fresh.status_code == 200
+    assert host.stats.snapshot()["inference_count"] >= 1
+
+
+def test_no_model_yet_is_503():
+    host = ModelHost()
+    server = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
+    try:
+        response = httpx.post(f"{server.where}/v1/infer", json={"inputs": [[0.0] * 4]})
+        assert response.status_code == 503 and "no model" in response.json()["error"]
+        assert httpx.get(f"{server.where}/v1/model").status_code == 503
+    finally:
+        server.stop()
+
+
+def test_unix_socket_endpoint(loaded, tmp_path, weights):
+    host = ModelHost()
+    host.swap(loaded)
+    socket_path = tmp_path / "agent.sock"
+    server = InferenceEndpoint(host, socket_path=socket_path).start()
+    try:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with httpx.Client(transport=transport, base_url="http://agent") as client:
+            x = np.ones((2, 4), np.float32)
+            body = client.post("/v1/infer", json={"inputs": x.tolist()}).json()
+        np.testing.assert_allclose(body["outputs"]["y"], mlp_reference(weights, x), atol=1e-5)
+        assert json.loads(json.dumps(body))["model"]["version"] == 4
+    finally:
+        server.stop()
+        host.close()
