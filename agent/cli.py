@@ -72,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--state-dir", type=Path, default=state_dir_default)
 
     infer = commands.add_parser("infer", help="run a model on input data, print JSON outputs")
-    infer.add_argument("model", type=Path, help="a .onnx model file")
+    infer.add_argument("model", type=Path, help="a .onnx or .tflite model file")
     infer.add_argument("--input", dest="input_path", type=Path, required=True,
                        help=".json (list, or {input: list}), .npy or .npz")
     infer.add_argument("--provider", action="append", dest="providers",

@@ -1,8 +1,8 @@
 """Device-side inference engines behind one interface.
 
-Backends are imported lazily: ``import agent.runtime`` never imports onnxruntime (or, later,
-the TFLite runtime), so the agent daemon starts on a device that lacks one, and a model only
-needs its own backend. :func:`load_engine` picks the backend from the file suffix and turns a
+Backends are imported lazily: ``import agent.runtime`` never imports onnxruntime (or a TFLite
+runtime), so the agent daemon starts on a device that lacks one, and a model only needs its
+own backend. :func:`load_engine` picks the backend from the file suffix and turns a
 missing backend into an :class:`EngineError`.
 """
 
@@ -16,6 +16,7 @@ from agent.runtime.engine import Engine, EngineError, InputError, TensorSpec, pr
 
 if TYPE_CHECKING:
     from agent.runtime.onnx_engine import OnnxEngine
+    from agent.runtime.tflite_engine import TfliteEngine
 
 __all__ = [
     "Engine",
@@ -23,15 +24,22 @@ __all__ = [
     "InputError",
     "OnnxEngine",
     "TensorSpec",
+    "TfliteEngine",
     "load_engine",
     "prepare_inputs",
 ]
+
+_ONNX_ONLY_OPTIONS = ("providers", "intra_op_threads", "inter_op_threads")
 
 
 def load_engine(path: str | os.PathLike[str], **options: Any) -> Engine:
     """Load ``path`` with the engine for its suffix; ``options`` go to that engine's constructor.
 
     ``.onnx`` -> :class:`OnnxEngine` (``providers``, ``intra_op_threads``, ``inter_op_threads``).
+    ``.tflite`` -> :class:`TfliteEngine` (``num_threads``). The ONNX-only options are refused
+    for a ``.tflite`` model rather than mapped: ``providers`` has no TFLite counterpart, and
+    ``num_threads`` is not quite either ORT thread count. Passing them as ``None`` is accepted,
+    so one call site can load either kind.
     """
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
@@ -43,7 +51,16 @@ def load_engine(path: str | os.PathLike[str], **options: Any) -> Engine:
             ) from exc
         return OnnxEngine(path, **options)
     if suffix == ".tflite":
-        raise EngineError("TFLite support is not implemented yet; only .onnx models can run")
+        # Importing the module imports no runtime; TfliteEngine raises EngineError without one.
+        from agent.runtime.tflite_engine import TfliteEngine
+
+        if onnx_only := [name for name in _ONNX_ONLY_OPTIONS if options.get(name) is not None]:
+            raise EngineError(
+                f"{', '.join(onnx_only)}: ONNX Runtime option(s), not available for a .tflite "
+                "model (TFLite runs on its CPU interpreter; use num_threads)"
+            )
+        tflite_options = {k: v for k, v in options.items() if k not in _ONNX_ONLY_OPTIONS}
+        return TfliteEngine(path, **tflite_options)
     raise EngineError(
         f"unsupported model file {Path(path).name!r}: expected a .onnx or .tflite file"
     )
@@ -55,4 +72,8 @@ def __getattr__(name: str) -> Any:
         from agent.runtime.onnx_engine import OnnxEngine
 
         return OnnxEngine
+    if name == "TfliteEngine":
+        from agent.runtime.tflite_engine import TfliteEngine
+
+        return TfliteEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -217,13 +217,16 @@ def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:
                 f"{what} {got}, expected {want}"
             )
     result = np.ascontiguousarray(array, dtype=target)
-    if not spec.allow_nan and target.kind in "fc" and result.size:
+    if not spec.allow_nan and target.kind == "f" and result.size and _has_nan(result):
         nans = int(np.count_nonzero(np.isnan(result)))
-        if nans:
-            raise InputError(
-                f"{prefix}: {nans} NaN value(s) given; this model's schema forbids NaN"
-            )
+        raise InputError(f"{prefix}: {nans} NaN value(s) given; this model's schema forbids NaN")
     return result
+
+
+def _has_nan(array: np.ndarray) -> bool:
+    """NaN anywhere, in one pass with no temporary: ``minimum`` propagates NaN and cannot
+    overflow. Faster than ``np.isnan(a).any()``, which matters on the hot path."""
+    return bool(np.isnan(np.minimum.reduce(array.reshape(-1))))
 
 
 def _check_cast(prefix: str, array: np.ndarray, target: np.dtype[Any]) -> None:

@@ -211,11 +211,6 @@ def test_load_engine_picks_onnx_by_suffix(onnx_mlp: MlpModelFile):
         assert isinstance(engine, OnnxEngine)
 
 
-def test_load_engine_refuses_tflite_clearly(tmp_path: Path):
-    with pytest.raises(EngineError, match="TFLite support is not implemented yet"):
-        load_engine(tmp_path / "model.tflite")
-
-
 def test_load_engine_refuses_unknown_suffix(tmp_path: Path):
     with pytest.raises(EngineError, match=r"unsupported model file 'model\.pt'"):
         load_engine(tmp_path / "model.pt")

@@ -1,0 +1,192 @@
+"""TFLite behind the :class:`~agent.runtime.engine.Engine` interface.
+
+The interpreter comes from ``ai-edge-litert`` (``ai_edge_litert.interpreter``, numpy 2) or,
+failing that, ``tflite-runtime`` (``tflite_runtime.interpreter``, older devices on numpy<2),
+whichever imports first. Importing this module imports neither: the runtime is imported when
+the first model is loaded, and its absence is an ``EngineError`` naming both packages.
+
+Invariants:
+
+* specs are read once at load from the primary subgraph: the numpy dtype's name, and the
+  ``shape_signature`` with ``-1`` read as ``None`` (dynamic), so a model converted with a
+  dynamic batch accepts any batch; a non-numeric tensor (strings, resources) is refused at load;
+* the interpreter's tensors are always allocated for the shapes of the last feed: a feed of
+  another shape is first resized (strictly: only the dims the model declared dynamic) and
+  re-allocated, so alternating batch sizes on one engine work, at the cost of one
+  re-allocation per change of shape;
+* one inference runs at a time per engine (see :class:`TfliteEngine`);
+* every runtime exception (``ValueError``/``RuntimeError``), at load or at run, is re-raised as
+  ``EngineError`` from the original by :func:`_translate_errors`, the single boundary with the
+  backend. Outputs are detached copies, never views into interpreter memory.
+
+Quantized tensors are exchanged raw: a uint8/int8 input takes the integers the model sees, and
+(de)quantizing with the tensor's scale and zero point is the caller's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.runtime.engine import Engine, EngineError, TensorSpec
+
+__all__ = ["TfliteEngine"]
+
+_INSTALL_HINT = "install edgefleet[tflite] (ai-edge-litert) or tflite-runtime"
+
+_SUPPORTED_DTYPES = frozenset(
+    {
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    }
+)
+
+# What the interpreter (and its pybind wrapper) raises: ValueError for a bad model file or a
+# rejected tensor, RuntimeError for failed resizes and for the wrapper's own safety checks.
+_RUNTIME_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError)
+
+
+@contextlib.contextmanager
+def _translate_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except _RUNTIME_ERRORS as exc:
+        raise EngineError(f"{action}: {exc}") from exc
+
+
+def _interpreter_class() -> type[Any]:
+    """The first TFLite ``Interpreter`` that imports: ai-edge-litert, then tflite-runtime."""
+    failures = []
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        failures.append(f"ai_edge_litert: {exc}")
+    else:
+        return Interpreter
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+    except ImportError as exc:
+        failures.append(f"tflite_runtime: {exc}")
+    else:
+        return Interpreter
+    raise EngineError(f"no TFLite runtime can be imported ({'; '.join(failures)}): {_INSTALL_HINT}")
+
+
+class TfliteEngine(Engine):
+    """A model loaded into a TFLite ``Interpreter``.
+
+    ``num_threads`` is the interpreter's CPU thread count; ``None`` keeps the runtime's
+    default, which in ai-edge-litert is one thread (not all cores, unlike onnxruntime).
+
+    Inference is serialized by a lock, unlike :class:`~agent.runtime.onnx_engine.OnnxEngine`:
+    an ``InferenceSession.run`` is self-contained and thread-safe, but a TFLite interpreter is
+    one mutable set of tensors driven by a sequence of calls (resize, allocate, set_tensor,
+    invoke, get_tensor). Two threads interleaving those calls would run one request on another's
+    inputs, read another's outputs, or re-allocate the buffers under an ``invoke`` that has
+    released the GIL, which the runtime documents as unsupported (in practice ai-edge-litert's
+    wrapper mostly fails such calls with "There is at least 1 reference to internal data").
+    Requests on one engine therefore queue; for parallelism, raise ``num_threads`` or load one
+    engine per worker.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, num_threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EngineError(f"cannot load TFLite model {self.path}: no such file")
+        interpreter_class = _interpreter_class()
+        with _translate_errors(f"cannot load TFLite model {self.path}"):
+            interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads)
+            interpreter.allocate_tensors()
+            input_details = interpreter.get_input_details()
+            output_details = interpreter.get_output_details()
+
+        # Which package runs the model: "ai_edge_litert" or "tflite_runtime".
+        self.runtime: str = interpreter_class.__module__.partition(".")[0]
+        self._interpreter: Any | None = interpreter
+        self._lock = threading.Lock()
+        self._input_indices: tuple[int, ...] = tuple(int(d["index"]) for d in input_details)
+        self._output_indices: tuple[int, ...] = tuple(int(d["index"]) for d in output_details)
+        # Shapes the interpreter is allocated for, by tensor index; emptied when a resize
+        # fails half-way, so the next request resizes every input again.
+        self._allocated: dict[int, tuple[int, ...]] = {
+            int(d["index"]): tuple(int(dim) for dim in d["shape"]) for d in input_details
+        }
+        inputs = [_spec(detail) for detail in input_details]
+        if len({spec.name for spec in inputs}) != len(inputs):
+            raise EngineError(
+                f"cannot load TFLite model {self.path}: input names are not unique "
+                f"{[spec.name for spec in inputs]}"
+            )
+        super().__init__(inputs, [_spec(detail) for detail in output_details])
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            interpreter = self._interpreter
+            if interpreter is None:
+                raise RuntimeError("TfliteEngine is closed")
+            with _translate_errors(f"inference failed for {self.path.name}"):
+                self._fit(interpreter, feeds)
+                for spec, index in zip(self._inputs, self._input_indices, strict=True):
+                    interpreter.set_tensor(index, feeds[spec.name])
+                interpreter.invoke()
+                return {
+                    spec.name: _detached(interpreter.get_tensor(index))
+                    for spec, index in zip(self._outputs, self._output_indices, strict=True)
+                }
+
+    def _fit(self, interpreter: Any, feeds: dict[str, np.ndarray]) -> None:
+        """Resize the inputs whose shape differs from the feed's, then re-allocate once."""
+        changed = {
+            index: feeds[spec.name].shape
+            for spec, index in zip(self._inputs, self._input_indices, strict=True)
+            if self._allocated.get(index) != feeds[spec.name].shape
+        }
+        if not changed:
+            return
+        try:
+            for index, shape in changed.items():
+                # strict: only dims declared -1 may change (prepare_inputs already checked)
+                interpreter.resize_tensor_input(index, list(shape), strict=True)
+            interpreter.allocate_tensors()
+        except BaseException:
+            self._allocated.clear()
+            raise
+        self._allocated.update(changed)
+
+    def _close(self) -> None:
+        with self._lock:  # waits for an inference in flight
+            self._interpreter = None  # no close(); dropping the last reference frees it
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    """``detail`` is one entry of ``get_input_details()`` / ``get_output_details()``."""
+    name = str(detail["name"])
+    dtype = np.dtype(detail["dtype"]).name
+    if dtype not in _SUPPORTED_DTYPES:
+        raise EngineError(f"{name!r} has type {dtype}, which TfliteEngine does not support")
+    signature: Sequence[int] = detail.get("shape_signature", detail["shape"])
+    if len(signature) != len(detail["shape"]):  # an unranked tensor: fall back to its shape
+        signature = detail["shape"]
+    shape = tuple(int(dim) if dim >= 0 else None for dim in signature)
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+def _detached(value: np.ndarray) -> np.ndarray:
+    """``get_tensor`` already copies; copy again only if a runtime ever hands back a view."""
+    return value if value.flags.owndata else value.copy()

@@ -1,0 +1,166 @@
+"""Benchmark: the cost of the agent's inference path over the bare runtime, in one run.
+
+For batch 1 and 256, p50/p99 latency and throughput of
+  (a) the bare runtime (``onnxruntime.InferenceSession.run``; TFLite ``Interpreter.invoke``),
+  (b) the agent's engine in-process (``Engine.infer``: validation + the same runtime),
+  (c) the agent's local HTTP endpoint (keep-alive; JSON for batch 1, .npy for batch 256),
+and the ratios (b)/(a) and (c)/(a) of p50 latency. Then the idle RSS of a real
+``edge-agent run`` process with one model loaded. Last line: one JSON object.
+
+    python bench/infer.py                  # default sizes
+    python bench/infer.py --seconds 0.3    # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FEATURES, HIDDEN, OUTPUTS = 64, 256, 16  # a small but not trivial tabular/sensor model
+
+
+def measure(call, seconds: float) -> dict[str, float]:
+    """Call repeatedly for ``seconds`` (after a warm-up); latency percentiles in ms."""
+    for _ in range(20):
+        call()
+    timings = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(timings) < 50:
+        started = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - started)
+    array = np.array(timings) * 1000
+    return {"p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
+            "calls_per_s": len(timings) / float(array.sum() / 1000)}
+
+
+def build_bundle(work: Path) -> Path:
+    from fleet.bundle_build import build_bundle as build
+    from tests.fixtures.models import build_mlp_onnx
+
+    model = work / "mlp.onnx"
+    build_mlp_onnx(model, features=FEATURES, hidden=HIDDEN, outputs=OUTPUTS, seed=0)
+    return build(model, name="bench", version=1, out_dir=work).path
+
+
+def install(bundle: Path, state_dir: Path):
+    """Unpack into slot a and make it current, as the agent's installer would."""
+    from agent.bundle import extract_bundle
+    from agent.slots import Slots
+
+    slots = Slots(state_dir)
+    manifest = extract_bundle(bundle, slots.path("a"), 1 << 30)
+    slots.activate("a")
+    return slots.path("a"), manifest
+
+
+def rss_of_idle_agent(state_dir: Path) -> float:
+    import httpx
+
+    from fleet.local_broker import free_port
+
+    port = free_port()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--log-level", "WARNING", "run",
+         "--broker", "mqtt://127.0.0.1:9", "--device-id", "bench", "--state-dir",
+         str(state_dir), "--listen", f"127.0.0.1:{port}", "--interval", "60"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()["model"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        time.sleep(2)  # settle: idle, model loaded
+        with open(f"/proc/{agent.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    args = parser.parse_args()
+
+    import httpx
+    import onnxruntime as ort
+
+    from agent.endpoint import InferenceEndpoint
+    from agent.health import open_checked_engine
+    from agent.installer import LoadedModel
+    from agent.serving import ModelHost
+
+    figures: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        work = Path(tmp)
+        slot, manifest = install(build_bundle(work), work / "state")
+        engine = open_checked_engine(slot, manifest)
+        session = ort.InferenceSession(str(slot / manifest.model_file),
+                                       providers=["CPUExecutionProvider"])
+        host = ModelHost()
+        host.swap(LoadedModel("a", manifest, engine))
+        endpoint = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
+        client = httpx.Client(base_url=endpoint.where, timeout=30)
+        try:
+            for batch in (1, 256):
+                x = rng.normal(size=(batch, FEATURES)).astype(np.float32)
+                npy = io.BytesIO()
+                np.save(npy, x)
+                npy_body = npy.getvalue()
+                json_body = json.dumps({"inputs": x.tolist()}).encode()
+
+                def via_http(body=npy_body if batch > 1 else json_body, binary=batch > 1):
+                    headers = ({"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+                               if binary else {"Content-Type": "application/json"})
+                    response = client.post("/v1/infer", content=body, headers=headers)
+                    response.raise_for_status()
+
+                results = {
+                    "bare": measure(lambda x=x: session.run(None, {"x": x}), args.seconds),
+                    "engine": measure(lambda x=x: engine.infer(x), args.seconds),
+                    "endpoint": measure(via_http, args.seconds),
+                }
+                for name, result in results.items():
+                    print(f"batch {batch:3d} {name:8s} p50 {result['p50_ms']:8.3f} ms  "
+                          f"p99 {result['p99_ms']:8.3f} ms  "
+                          f"{result['calls_per_s'] * batch:12.0f} rows/s")
+                bare = results["bare"]["p50_ms"]
+                figures[f"engine_vs_bare_b{batch}"] = round(results["engine"]["p50_ms"] / bare, 3)
+                figures[f"endpoint_vs_bare_b{batch}"] = round(
+                    results["endpoint"]["p50_ms"] / bare, 3)
+                figures[f"endpoint_p50_ms_b{batch}"] = round(results["endpoint"]["p50_ms"], 3)
+                figures[f"bare_p50_ms_b{batch}"] = round(bare, 4)
+        finally:
+            client.close()
+            endpoint.stop()
+            host.close()
+        figures["idle_rss_mb"] = round(rss_of_idle_agent(work / "state"), 1)
+        print(f"idle agent with one model loaded: {figures['idle_rss_mb']} MB RSS")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
