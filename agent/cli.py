@@ -159,7 +159,9 @@ def _rollback(args: argparse.Namespace) -> int:
     from agent.errors import UpdateError
     from agent.installer import Installer
 
-    installer = Installer(args.state_dir, None, lambda *a, **k: None, max_bundle_bytes=0)
+    installer = Installer(
+        args.state_dir, lambda: None, lambda *a, **k: None, max_bundle_bytes=0
+    )
     try:
         loaded = installer.rollback()
     except UpdateError as exc:

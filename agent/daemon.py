@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.contract import (
@@ -52,8 +53,9 @@ from agent.process_stats import ProcessSampler
 from agent.serving import ModelHost
 from agent.state import AgentState
 from agent.stats import InferenceStats
-from agent.trust.client import BundleClient
-from agent.trust.desired import verify_desired
+
+if TYPE_CHECKING:
+    from agent.trust.client import BundleClient
 
 __all__ = ["AgentConfig", "AgentDaemon", "platform_info"]
 
@@ -109,12 +111,8 @@ class AgentDaemon:
         self.state = AgentState(config.state_dir)
         self._sampler = ProcessSampler()
         self._platform = platform_info()
-        fleet_url = config.fleet_url or self.state.fleet_url
-        self.client = (
-            BundleClient(fleet_url, config.state_dir, max_bundle_bytes=config.max_bundle_bytes)
-            if fleet_url
-            else None
-        )
+        self._fleet_url = config.fleet_url or self.state.fleet_url
+        self._bundle_client: BundleClient | None = None
         self.installer = Installer(
             config.state_dir, self.client, self._event, config.max_bundle_bytes
         )
@@ -146,6 +144,18 @@ class AgentDaemon:
             will_factory=self._next_will,
             keepalive=config.keepalive_s,
         )
+
+    def client(self) -> BundleClient | None:
+        """The TUF client, built (and TUF imported) on first use: an idle agent serving its
+        model does not carry the update machinery in memory."""
+        if self._bundle_client is None and self._fleet_url:
+            from agent.trust.client import BundleClient
+
+            self._bundle_client = BundleClient(
+                self._fleet_url, self.config.state_dir,
+                max_bundle_bytes=self.config.max_bundle_bytes,
+            )
+        return self._bundle_client
 
     def _topic(self, channel: Channel) -> str:
         return topic(self.config.device_id, channel)
@@ -265,20 +275,23 @@ class AgentDaemon:
         self._publish_reported()
 
     def _verify_desired(self, envelope, raw_signed: dict) -> None:
-        if self.client is None or not self.client.enrolled:
+        from agent.trust.desired import verify_desired
+
+        client = self.client()
+        if client is None or not client.enrolled:
             raise UnsignedDesiredStateError(
                 "not enrolled: no trusted root to check desired-state signatures against"
             )
         try:
-            verify_desired(envelope, raw_signed, self.client.director_keys())
+            verify_desired(envelope, raw_signed, client.director_keys())
         except UnsignedDesiredStateError:
             # Perhaps the director key was rotated: refresh the trusted root, try once more.
             try:
-                self.client.refresh()
+                client.refresh()
             except TrustError as exc:
                 log.warning("metadata refresh failed: %s", exc)
                 raise
-            verify_desired(envelope, raw_signed, self.client.director_keys())
+            verify_desired(envelope, raw_signed, client.director_keys())
 
     def _reconcile(self) -> bool:
         """Act on the accepted desired state if not done yet; True = try again later."""

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.bundle import extract_bundle, verify_slot
 from agent.contract import BundleManifest, BundleRef
@@ -30,7 +30,9 @@ from agent.faults import crash_point
 from agent.health import open_checked_engine
 from agent.runtime import Engine
 from agent.slots import SLOT_NAMES, Slots
-from agent.trust.client import BundleClient
+
+if TYPE_CHECKING:  # imported on first download: TUF is not needed to serve a model
+    from agent.trust.client import BundleClient
 
 __all__ = ["Installer", "LoadedModel"]
 
@@ -50,12 +52,12 @@ class Installer:
     def __init__(
         self,
         state_dir: Path,
-        client: BundleClient | None,
+        client: Callable[[], BundleClient | None],
         emit: EventSink,
         max_bundle_bytes: int,
     ) -> None:
         self.slots = Slots(state_dir)
-        self.client = client
+        self._client = client  # a factory: the TUF client is built on first use
         self.emit = emit
         self.max_bundle_bytes = max_bundle_bytes
         self.last_failure_reason: str | None = None
@@ -159,13 +161,14 @@ class Installer:
     def _stage_from_fleet(
         self, ref: BundleRef, detail: dict[str, Any]
     ) -> tuple[str, BundleManifest]:
-        if self.client is None:
+        client = self._client()
+        if client is None:
             raise ManifestError("this agent is not enrolled with a fleet: cannot download")
         self.emit("downloading", **detail)
-        self.client.refresh()
-        info = self.client.target_info(ref.target_name)
+        client.refresh()
+        info = client.target_info(ref.target_name)
         progress = _ProgressLog(ref.target_name)
-        path = self.client.download(info, progress)
+        path = client.download(info, progress)
         detail.update(sha256=info.hashes["sha256"], size=info.length)
         self.emit("verified", **detail)
         crash_point("after_download")

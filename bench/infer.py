@@ -31,19 +31,28 @@ sys.path.insert(0, str(ROOT))
 FEATURES, HIDDEN, OUTPUTS = 64, 256, 16  # a small but not trivial tabular/sensor model
 
 
-def measure(call, seconds: float) -> dict[str, float]:
-    """Call repeatedly for ``seconds`` (after a warm-up); latency percentiles in ms."""
-    for _ in range(20):
-        call()
-    timings = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(timings) < 50:
-        started = time.perf_counter()
-        call()
-        timings.append(time.perf_counter() - started)
-    array = np.array(timings) * 1000
-    return {"p50_ms": float(np.percentile(array, 50)), "p99_ms": float(np.percentile(array, 99)),
-            "calls_per_s": len(timings) / float(array.sum() / 1000)}
+def measure(calls: dict[str, object], seconds: float) -> dict[str, dict[str, float]]:
+    """Round-robin the calls for ``seconds`` each (after a warm-up), so that machine noise
+    and clock drift hit every variant alike; latency percentiles in ms."""
+    for call in calls.values():
+        for _ in range(20):
+            call()
+    timings: dict[str, list[float]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + seconds * len(calls)
+    while time.perf_counter() < deadline or min(map(len, timings.values())) < 50:
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            timings[name].append(time.perf_counter() - started)
+    results = {}
+    for name, values in timings.items():
+        array = np.array(values) * 1000
+        results[name] = {
+            "p50_ms": float(np.percentile(array, 50)),
+            "p99_ms": float(np.percentile(array, 99)),
+            "calls_per_s": len(values) / float(array.sum() / 1000),
+        }
+    return results
 
 
 def build_bundle(work: Path) -> Path:
@@ -64,6 +73,38 @@ def install(bundle: Path, state_dir: Path):
     manifest = extract_bundle(bundle, slots.path("a"), 1 << 30)
     slots.activate("a")
     return slots.path("a"), manifest
+
+
+def tflite_pair(work: Path):
+    """The same MLP as TFLite: a bare interpreter call and the agent's engine, or None."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        return None
+    from agent.runtime import load_engine
+    from tests.fixtures.models import build_mlp_onnx
+    from tests.fixtures.tflite_models import build_mlp_tflite
+
+    weights = build_mlp_onnx(work / "twin.onnx", features=FEATURES, hidden=HIDDEN,
+                             outputs=OUTPUTS, seed=0)
+    path = work / "mlp.tflite"
+    build_mlp_tflite(path, weights)
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    index_in = interpreter.get_input_details()[0]["index"]
+    index_out = interpreter.get_output_details()[0]["index"]
+    shape = [None]
+
+    def bare(x: np.ndarray) -> np.ndarray:
+        if shape[0] != x.shape:
+            interpreter.resize_tensor_input(index_in, x.shape, strict=True)
+            interpreter.allocate_tensors()
+            shape[0] = x.shape
+        interpreter.set_tensor(index_in, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(index_out)
+
+    return bare, load_engine(path, num_threads=1)
 
 
 def rss_of_idle_agent(state_dir: Path) -> float:
@@ -116,9 +157,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
         work = Path(tmp)
         slot, manifest = install(build_bundle(work), work / "state")
-        engine = open_checked_engine(slot, manifest)
-        session = ort.InferenceSession(str(slot / manifest.model_file),
+        # Same thread settings for the bare session and the engine: one intra-op thread, as
+        # on a small device, and no two thread pools spinning against each other.
+        engine = open_checked_engine(slot, manifest, intra_op_threads=1)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(slot / manifest.model_file), options,
                                        providers=["CPUExecutionProvider"])
+        tflite = tflite_pair(work)
         host = ModelHost()
         host.swap(LoadedModel("a", manifest, engine))
         endpoint = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
@@ -137,11 +183,16 @@ def main() -> None:
                     response = client.post("/v1/infer", content=body, headers=headers)
                     response.raise_for_status()
 
-                results = {
-                    "bare": measure(lambda x=x: session.run(None, {"x": x}), args.seconds),
-                    "engine": measure(lambda x=x: engine.infer(x), args.seconds),
-                    "endpoint": measure(via_http, args.seconds),
+                calls = {
+                    "bare": lambda x=x: session.run(None, {"x": x}),
+                    "engine": lambda x=x: engine.infer(x),
+                    "endpoint": via_http,
                 }
+                if tflite is not None:
+                    bare_tflite, tflite_engine = tflite
+                    calls["tfl_bare"] = lambda x=x, call=bare_tflite: call(x)
+                    calls["tfl_eng"] = lambda x=x, engine=tflite_engine: engine.infer(x)
+                results = measure(calls, args.seconds)
                 for name, result in results.items():
                     print(f"batch {batch:3d} {name:8s} p50 {result['p50_ms']:8.3f} ms  "
                           f"p99 {result['p99_ms']:8.3f} ms  "
@@ -152,6 +203,9 @@ def main() -> None:
                     results["endpoint"]["p50_ms"] / bare, 3)
                 figures[f"endpoint_p50_ms_b{batch}"] = round(results["endpoint"]["p50_ms"], 3)
                 figures[f"bare_p50_ms_b{batch}"] = round(bare, 4)
+                if tflite is not None:
+                    figures[f"tflite_engine_vs_bare_b{batch}"] = round(
+                        results["tfl_eng"]["p50_ms"] / results["tfl_bare"]["p50_ms"], 3)
         finally:
             client.close()
             endpoint.stop()

@@ -138,3 +138,29 @@ def test_unix_socket_endpoint(loaded, tmp_path, weights):
     finally:
         server.stop()
         host.close()
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "tflite"])
+def test_both_runtimes_answer_the_numpy_reference_through_the_endpoint(
+    tflite_mlp, tmp_path, runtime
+):
+    """The same MLP as ONNX and as TFLite, each built into a bundle and served."""
+    from fleet.bundle_build import build_bundle
+
+    model = tflite_mlp.onnx_path if runtime == "onnx" else tflite_mlp.tflite_path
+    built = build_bundle(model, name=f"mlp-{runtime}", version=1, out_dir=tmp_path)
+    assert built.manifest.runtime == runtime
+    manifest = extract_bundle(built.path, tmp_path / "slot", 1 << 26)
+    host = ModelHost()
+    host.swap(LoadedModel("a", manifest, open_checked_engine(tmp_path / "slot", manifest)))
+    server = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
+    try:
+        x = np.random.default_rng(11).normal(size=(7, 4)).astype(np.float32)
+        body = httpx.post(f"{server.where}/v1/infer", json={"inputs": x.tolist()}).json()
+        np.testing.assert_allclose(
+            body["outputs"]["y"], mlp_reference(tflite_mlp.weights, x), atol=1e-5
+        )
+        assert httpx.get(f"{server.where}/v1/model").json()["runtime"] == runtime
+    finally:
+        server.stop()
+        host.close()
