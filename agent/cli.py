@@ -62,6 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", type=Path, help="serve the endpoint on this Unix socket instead")
     run.add_argument("--max-request-mb", type=float, default=16.0,
                      help="largest inference request body (default 16)")
+    run.add_argument("--outbox-mb", type=float, default=64.0,
+                     help="disk budget for telemetry waiting for the broker (default 64)")
 
     enroll = commands.add_parser("enroll", help="pin the fleet's root of trust (once)")
     enroll.add_argument("--fleet", required=True, help="fleet URL, e.g. http://fleet:8000")
@@ -120,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
                 listen=listen,
                 socket_path=args.socket,
                 max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+                outbox_bytes=int(args.outbox_mb * 1024 * 1024),
             )
         )
     except OSError as exc:  # state directory not writable, endpoint port taken, ...

@@ -197,6 +197,9 @@ class HeartbeatTelemetry(DeviceMessage):
     error_count: Int64
     latency_ms_p50: NonNegative | None = None
     latency_ms_p95: NonNegative | None = None
+    # The durable outbox: messages waiting for the broker, and drops by priority so far.
+    outbox_depth: Int64 | None = None
+    outbox_dropped: Annotated[dict[ShortText, Int64], Field(max_length=8)] | None = None
 
 
 class EventMessage(DeviceMessage):

@@ -20,6 +20,7 @@ import logging
 import platform
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,6 +50,7 @@ from agent.errors import (
 )
 from agent.installer import Installer, LoadedModel
 from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
+from agent.outbox import Outbox, OutboxDrainer, Pending
 from agent.process_stats import ProcessSampler
 from agent.serving import ModelHost
 from agent.state import AgentState
@@ -81,6 +83,8 @@ def platform_info() -> PlatformInfo:
 
 
 DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+# A heartbeat older than this says nothing useful: it expires in the outbox and the broker.
+HEARTBEAT_EXPIRY_S = 24 * 3600
 # Failures that the same bytes will repeat: retrying cannot help, a new desired state can.
 PERMANENT_FAILURES = frozenset(
     {"health_check_failed", "unsafe_archive", "bad_manifest", "hash_mismatch", "too_large"}
@@ -102,6 +106,8 @@ class AgentConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 8470)
     socket_path: Path | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    outbox_bytes: int = 64 * 1024 * 1024
+    outbox_rate: float = 200.0  # messages per second while draining a backlog
 
 
 class AgentDaemon:
@@ -109,6 +115,7 @@ class AgentDaemon:
         self.config = config
         self.stats = stats or InferenceStats()
         self.state = AgentState(config.state_dir)
+        self.outbox = Outbox(config.state_dir / "outbox.db", config.outbox_bytes)
         self._sampler = ProcessSampler()
         self._platform = platform_info()
         self._fleet_url = config.fleet_url or self.state.fleet_url
@@ -136,6 +143,10 @@ class AgentDaemon:
         # The connection id is the seq reserved for that connection's Last Will.
         self._armed_connection = 0
         self._connection = 0
+        self.drainer = OutboxDrainer(
+            self.outbox, self._publish_pending, lambda: self.link.connected,
+            rate=config.outbox_rate,
+        )
         self.link = MqttLink(
             config.broker,
             client_id=f"edgefleet-agent-{config.device_id}",
@@ -143,6 +154,7 @@ class AgentDaemon:
             on_connect=self._on_connect,
             will_factory=self._next_will,
             keepalive=config.keepalive_s,
+            on_published=self.drainer.acknowledged,
         )
 
     def client(self) -> BundleClient | None:
@@ -201,8 +213,19 @@ class AgentDaemon:
             self.link.publish(self._topic(channel), encode(message), qos=1, retain=retain)
 
     def _event(self, event: str, **detail) -> None:
+        """Events go through the outbox: a deployment step is never lost to an outage."""
         log.info("event %s %s", event, detail)
-        self._publish(Channel.EVENTS, EventMessage(**self._envelope(), event=event, detail=detail))
+        message = EventMessage(**self._envelope(), event=event, detail=detail)
+        self.outbox.put(message.seq, Channel.EVENTS.value, encode(message))
+
+    def _publish_pending(self, pending: Pending, expiry_s: float | None) -> int:
+        info = self.link.publish(
+            self._topic(Channel(pending.channel)),
+            pending.payload,
+            qos=1,
+            expiry_s=max(1, int(expiry_s)) if expiry_s is not None else None,
+        )
+        return info.mid
 
     def _publish_reported(self) -> None:
         self._publish(Channel.REPORTED, self._reported(), retain=True)
@@ -332,13 +355,20 @@ class AgentDaemon:
 
     def heartbeat(self) -> HeartbeatTelemetry:
         sample = self._sampler.sample()
+        outbox = self.outbox.stats()
         return HeartbeatTelemetry(
             **self._envelope(),
             uptime_s=sample.uptime_s,
             cpu_percent=sample.cpu_percent,
             rss_mb=sample.rss_mb,
             **self.stats.snapshot(),
+            outbox_depth=outbox.depth,
+            outbox_dropped=outbox.dropped,
         )
+
+    def _queue_heartbeat(self) -> None:
+        beat = self.heartbeat()
+        self.outbox.put(beat.seq, Channel.TELEMETRY.value, encode(beat), HEARTBEAT_EXPIRY_S)
 
     def stop(self) -> None:
         self._stop.set()
@@ -361,17 +391,22 @@ class AgentDaemon:
                      loaded.manifest.version, loaded.slot)
             self._swap_model(loaded)
         self._worker.start()
+        self.drainer.start()
         try:
             while not self._stop.wait(self.config.interval_s):
                 self._follow_external_switch()
-                if self.link.connected:
-                    self._publish(Channel.TELEMETRY, self.heartbeat())
+                self._queue_heartbeat()  # also while offline: the outbox keeps it
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
         self._work.put(None)
         self._worker.join(timeout=5)
+        if self.link.connected:  # give the backlog a moment to reach the broker
+            deadline = time.monotonic() + 2
+            while self.outbox.stats().depth and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.drainer.stop()
         if self.link.connected:
             info = self.link.publish(
                 self._topic(Channel.STATUS), encode(self._status("offline")), qos=1, retain=True
@@ -383,5 +418,6 @@ class AgentDaemon:
         if self.endpoint is not None:
             self.endpoint.stop()
         self.host.close()
+        self.outbox.close()
         self.state.close()
         log.info("agent stopped")

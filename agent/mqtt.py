@@ -116,6 +116,7 @@ class MqttLink:
         manual_ack: bool = False,
         receive_maximum: int | None = None,
         session_expiry_s: int | None = None,
+        on_published: Callable[[int, bool], None] | None = None,
     ) -> None:
         """``receive_maximum`` caps unacknowledged QoS>0 messages the broker sends us (flow
         control: a consumer with a bounded queue never blocks paho's thread).
@@ -150,6 +151,9 @@ class MqttLink:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        self._on_published = on_published
+        if on_published is not None:
+            self._client.on_publish = self._handle_publish
 
     @property
     def connected(self) -> bool:
@@ -241,6 +245,14 @@ class MqttLink:
                 log.warning("lost the broker %s (%s); reconnecting", self.broker, reason_code)
             # The next attempt announces a new connection with its own Last Will.
             self._arm_will()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        """QoS 1: the broker's PUBACK. A failure code (e.g. not authorised) is final."""
+        assert self._on_published is not None
+        try:
+            self._on_published(mid, not reason_code.is_failure)
+        except Exception:
+            log.exception("on_published handler failed")
 
     def _ack_for(self, mid: int, qos: int) -> Callable[[], None]:
         generation = self._connection_generation

@@ -7,8 +7,9 @@ gives an atomic, fsynced update per call without a hand-written write-rename dan
 Invariants:
 
 * :meth:`AgentState.next_seq` never returns the same number twice for one state file, even
-  across crashes: the new value is committed before it is handed out. A new state file
-  starts from the wall clock in microseconds, so a wiped device keeps counting upwards.
+  across crashes: a block of numbers is committed as used before any is handed out. A new
+  state file starts from the wall clock in microseconds, so a wiped device keeps counting
+  upwards.
 * the accepted desired state is only replaced by one with a greater ``generation``.
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from agent.contract import DesiredState
 
-__all__ = ["AgentState"]
+__all__ = ["SEQ_BLOCK", "AgentState"]
+
+SEQ_BLOCK = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -43,6 +46,7 @@ class AgentState:
         # FULL: a committed seq must survive a power cut, or a reboot could reuse it.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._seq_next = self._seq_limit = 0  # nothing reserved yet
 
     def close(self) -> None:
         with self._lock:
@@ -60,21 +64,29 @@ class AgentState:
         )
 
     def next_seq(self) -> int:
-        """Reserve the next message sequence number (committed before it is returned)."""
+        """Reserve the next message sequence number.
+
+        Numbers are reserved from disk in blocks (one fsync per ``SEQ_BLOCK`` messages, not
+        per message: SD cards wear); a restart skips the rest of the block, so numbers only
+        ever grow, with gaps.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                stored = self._get("seq")
-                # A fresh state starts at the clock in microseconds, not 0: a device whose
-                # state was wiped (re-flashed, new SD card) still counts above what the
-                # fleet stored for it, as long as its clock is not behind.
-                current = int(stored) if stored is not None else time.time_ns() // 1000
-                self._put("seq", str(current + 1))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return current + 1
+            if self._seq_next >= self._seq_limit:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    stored = self._get("seq")
+                    # A fresh state starts at the clock in microseconds, not 0: a device
+                    # whose state was wiped (re-flashed, new SD card) still counts above
+                    # what the fleet stored for it, as long as its clock is not behind.
+                    start = int(stored) if stored is not None else time.time_ns() // 1000
+                    self._put("seq", str(start + SEQ_BLOCK))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._seq_next, self._seq_limit = start, start + SEQ_BLOCK
+            self._seq_next += 1
+            return self._seq_next
 
     def get(self, key: str) -> str | None:
         with self._lock:

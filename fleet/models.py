@@ -77,6 +77,8 @@ class HeartbeatPublic(SQLModel):
     error_count: int
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
+    outbox_depth: int | None = None
+    outbox_dropped: dict[str, int] | None = None
 
 
 class DevicePublic(SQLModel):

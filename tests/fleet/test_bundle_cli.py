@@ -31,7 +31,9 @@ def test_bundle_build_writes_manifest_samples_and_baseline(tmp_path):
     assert str(path) in done.stdout and "sha256" in done.stdout
     manifest = manifest_json(path, 1 << 20)
     assert (manifest["name"], manifest["version"], manifest["runtime"]) == ("cam", 7, "onnx")
-    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": [None, 4]}]
+    assert manifest["inputs"] == [
+        {"name": "x", "dtype": "float32", "shape": [None, 4], "allow_nan": False}
+    ]
     assert set(manifest["files"]) == {"model.onnx", "samples.npz", "baseline.json"}
 
 
