@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
@@ -31,21 +31,24 @@ from sqlmodel import Session
 from agent.contract import (
     TOPIC_ROOT,
     Channel,
+    DeviceMessageT,
     EventMessage,
     HeartbeatTelemetry,
     MessageRejected,
     ReportedState,
     StatusMessage,
     decode_device_message,
+    utcnow,
 )
 from agent.mqtt import BrokerAddress, Inbound, MqttLink
-from fleet import devices
+from fleet import devices, telemetry
 
 __all__ = ["SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
 
 log = logging.getLogger(__name__)
 
 SHARED_GROUP = "fleet"
+RATE_WINDOW_S = 10.0
 SUBSCRIPTIONS = (
     f"{TOPIC_ROOT}/+/{Channel.STATUS.value}",
     f"{TOPIC_ROOT}/+/{Channel.REPORTED.value}",
@@ -57,24 +60,47 @@ SUBSCRIPTIONS = (
 
 @dataclass
 class IngestMetrics:
+    """Counters, ingest lag (receive time minus the device's ``sent_at``) and a 10-second
+    rate of accepted messages, for ``GET /api/v1/metrics``."""
+
     accepted: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    heartbeats_stored: int = 0
+    last_lag_s: float | None = None
+    max_lag_s: float = 0.0
+    _recent: deque = field(default_factory=deque, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def accept(self, channel: str) -> None:
+    def accept(self, kind: str, lag_s: float | None = None) -> None:
+        now = time.monotonic()
         with self._lock:
-            self.accepted[channel] += 1
+            self.accepted[kind] += 1
+            self._recent.append(now)
+            if lag_s is not None:
+                self.last_lag_s = lag_s
+                self.max_lag_s = max(self.max_lag_s, lag_s)
+
+    def stored(self, rows: int) -> None:
+        with self._lock:
+            self.heartbeats_stored += rows
 
     def reject(self, reason: str) -> None:
         with self._lock:
             self.rejected[reason] += 1
 
     def snapshot(self) -> dict:
+        now = time.monotonic()
         with self._lock:
+            while self._recent and now - self._recent[0] > RATE_WINDOW_S:
+                self._recent.popleft()
             return {
                 "accepted": dict(self.accepted),
                 "rejected": dict(self.rejected),
                 "rejected_total": sum(self.rejected.values()),
+                "heartbeats_stored": self.heartbeats_stored,
+                "messages_per_s": round(len(self._recent) / RATE_WINDOW_S, 2),
+                "lag_s_last": self.last_lag_s,
+                "lag_s_max": self.max_lag_s,
             }
 
 
@@ -86,11 +112,15 @@ class IngestWorker:
         queue_max: int = 10_000,
         worker_id: str | None = None,
         session_expiry_s: int = 3600,
+        batch_max: int = 500,
+        batch_wait_s: float = 0.05,
     ) -> None:
         """``worker_id`` must be stable across restarts of the same worker: the broker keeps
         its session (subscriptions, unacknowledged messages) for ``session_expiry_s``."""
         self.engine = engine
         self.metrics = IngestMetrics()
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[Inbound | None] = queue.Queue(maxsize=queue_max)
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._stopping = threading.Event()
@@ -133,54 +163,87 @@ class IngestWorker:
 
     def _write_loop(self) -> None:
         while True:
-            message = self._queue.get()
-            if message is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
             try:
-                self._handle(message)
-            except Exception:  # never let one message end the writer
-                log.exception("unexpected failure on a message on %s", message.topic)
-                self.metrics.reject("apply_error")
-                message.ack()
+                self._handle_batch(batch)
+            except Exception:  # never let one batch end the writer
+                log.exception("unexpected failure on a batch of %d messages", len(batch))
+                for message in batch:
+                    self.metrics.reject("apply_error")
+                    message.ack()
 
-    def _handle(self, message: Inbound) -> None:
-        try:
-            decoded = decode_device_message(message.topic, message.payload)
-        except MessageRejected as exc:
-            self.metrics.reject(exc.reason)
-            log.warning("refused message on %s: %s", message.topic, exc)
-            message.ack()
+    def _next_batch(self) -> list[Inbound] | None:
+        """Block for one message, then take what else arrives within ``batch_wait_s``, up to
+        ``batch_max``: size- or time-triggered batches. None once stop() was asked."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            remaining = deadline - time.monotonic()
+            try:
+                message = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else (
+                    self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if message is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(message)
+        return batch
+
+    def _handle_batch(self, batch: list[Inbound]) -> None:
+        decoded: list[tuple[Inbound, DeviceMessageT]] = []
+        for message in batch:
+            try:
+                decoded.append((message, decode_device_message(message.topic, message.payload)))
+            except MessageRejected as exc:
+                self.metrics.reject(exc.reason)
+                log.warning("refused message on %s: %s", message.topic, exc)
+                message.ack()
+        if not decoded:
             return
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                self._apply(decoded, fresh=not message.retained)
+                self._store(decoded)
                 break
-            except OperationalError as exc:  # database away: keep the message, retry
+            except OperationalError as exc:  # database away: keep the batch, retry
                 log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-            except Exception:  # a bug must not wedge the stream on one message
-                log.exception("failed to apply a message on %s", message.topic)
-                self.metrics.reject("apply_error")
-                message.ack()
-                return
         else:
             return  # stopping: leave it unacknowledged, the broker redelivers it
-        self.metrics.accept(decoded.kind)
-        message.ack()
+        now = utcnow()
+        for message, item in decoded:
+            self.metrics.accept(item.kind, lag_s=(now - item.sent_at).total_seconds())
+            message.ack()
 
-    def _apply(self, message, fresh: bool) -> None:
-        """``fresh``: not a retained copy, so it proves the device was just there."""
+    def _store(self, decoded: list[tuple[Inbound, DeviceMessageT]]) -> None:
+        """One transaction for the whole batch. Applying twice changes nothing, so a retry
+        after a failed commit is safe."""
+        beats = [m for _, m in decoded if isinstance(m, HeartbeatTelemetry)]
+        events = [m for _, m in decoded if isinstance(m, EventMessage)]
         with Session(self.engine) as session:
-            if isinstance(message, StatusMessage):
-                devices.apply_status(session, message, fresh)
-            elif isinstance(message, ReportedState):
-                devices.apply_reported(session, message, fresh)
-            elif isinstance(message, HeartbeatTelemetry):
-                devices.apply_heartbeat(session, message)
-            elif isinstance(message, EventMessage):
-                devices.apply_event(session, message)
-            else:  # drift is stored by the feature that uses it
-                devices.touch(session, message.device_id)
+            for inbound, message in decoded:
+                fresh = not inbound.retained
+                if isinstance(message, StatusMessage):
+                    devices.apply_status(session, message, fresh)
+                elif isinstance(message, ReportedState):
+                    devices.apply_reported(session, message, fresh)
+            self.metrics.stored(telemetry.store_heartbeats(session, beats))
+            latest: dict[str, HeartbeatTelemetry] = {}
+            for beat in beats:
+                if beat.device_id not in latest or beat.seq > latest[beat.device_id].seq:
+                    latest[beat.device_id] = beat
+            for beat in latest.values():
+                devices.apply_heartbeat(session, beat)
+            for event in events:
+                devices.apply_event(session, event)
+            for device_id in {m.device_id for _, m in decoded if m.kind == "drift"}:
+                devices.touch(session, device_id)  # drift is stored by the drift feature
             session.commit()

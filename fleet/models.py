@@ -13,7 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel, field_validator
 from pydantic import Field as PydanticField
-from sqlalchemy import JSON, BigInteger, Column, DateTime, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 from agent.contract import utcnow
@@ -211,5 +219,48 @@ class DeviceEventPublic(SQLModel):
     detail: dict
     sent_at: datetime
     received_at: datetime
+
+    _utc = field_validator("sent_at", "received_at")(_as_utc)
+
+
+class Heartbeat(SQLModel, table=True):
+    """The heartbeat time series: one row per (device, seq), whatever the redeliveries."""
+
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        Index("ix_heartbeat_device_time", "device_id", "sent_at"),
+        Index("ix_heartbeat_received", "received_at"),
+    )
+
+    # BIGINT on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the auto-numbered rowid.
+    id: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer(), "sqlite")
+    )
+    device_id: str = Field(max_length=64)
+    seq: int = Field(sa_type=BigInteger)
+    sent_at: datetime = Field(sa_type=_tz())
+    received_at: datetime = Field(sa_type=_tz())
+    uptime_s: float
+    cpu_percent: float
+    rss_mb: float
+    inference_count: int = Field(sa_type=BigInteger)
+    error_count: int = Field(sa_type=BigInteger)
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    outbox_depth: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class HeartbeatRow(SQLModel):
+    seq: int
+    sent_at: datetime
+    received_at: datetime
+    uptime_s: float
+    cpu_percent: float
+    rss_mb: float
+    inference_count: int
+    error_count: int
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    outbox_depth: int | None
 
     _utc = field_validator("sent_at", "received_at")(_as_utc)

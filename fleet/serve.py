@@ -14,23 +14,34 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import uvicorn
+from sqlmodel import Session
 
+from agent.contract import utcnow
 from agent.mqtt import BrokerAddress
+from fleet import telemetry
 from fleet.api import create_app
 from fleet.db import init_db, make_engine
 from fleet.ingest import IngestWorker
 from fleet.local_broker import LocalBroker
+from fleet.periodic import Periodic
 from fleet.settings import Settings
 from fleet.tokens import ensure_admin_token
-from fleet.trust.refresher import MetadataRefresher
 from fleet.trust.repository import FleetRepository
 
 __all__ = ["serve"]
 
 log = logging.getLogger(__name__)
+
+
+def _expire_telemetry(engine, settings: Settings) -> str | None:
+    cutoff = utcnow() - timedelta(days=settings.telemetry_retention_days)
+    with Session(engine) as session:
+        deleted = telemetry.delete_older_than(session, cutoff)
+    return f"deleted {deleted} heartbeats older than {cutoff:%Y-%m-%d %H:%M}" if deleted else None
 
 
 def _exit_on_signal(_signum: int, _frame: object) -> None:
@@ -80,8 +91,12 @@ def serve(
             f"signing keys created: {repository.keys_dir}; move {repository.keys_dir / 'root'} "
             "offline (it is only needed to rotate keys)"
         )
-    refresher = MetadataRefresher(repository, settings.metadata_refresh_s)
-    refresher.start()
+    chores = [
+        Periodic("re-sign metadata", settings.metadata_refresh_s, repository.refresh_expiring),
+        Periodic("telemetry retention", 3600, lambda: _expire_telemetry(engine, settings)),
+    ]
+    for chore in chores:
+        chore.start()
 
     local_broker = None
     broker_url = settings.broker_url
@@ -120,7 +135,8 @@ def serve(
             agent.terminate()
             agent.wait(10)
         ingest.stop()
-        refresher.stop()
+        for chore in chores:
+            chore.stop()
         if local_broker is not None:
             local_broker.stop()
         engine.dispose()

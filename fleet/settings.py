@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     # session and unacknowledged messages across its restarts.
     worker_id: str | None = None
     metadata_refresh_s: float = 60.0
+    telemetry_retention_days: float = 7.0
 
     @property
     def resolved_database_url(self) -> str:

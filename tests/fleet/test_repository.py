@@ -8,7 +8,7 @@ from datetime import timedelta
 from tuf.api.metadata import Metadata
 
 from agent.contract import utcnow
-from fleet.trust.refresher import MetadataRefresher
+from fleet.periodic import Periodic
 from fleet.trust.repository import Expiry, FleetRepository
 
 
@@ -33,7 +33,7 @@ def test_running_refresher_resigns_a_short_lived_timestamp(tmp_path):
     repository = FleetRepository(tmp_path, Expiry(timestamp=timedelta(seconds=2)))
     repository.init()
     first = repository.timestamp().signed.version
-    refresher = MetadataRefresher(repository, interval_s=0.2)
+    refresher = Periodic("re-sign", 0.2, repository.refresh_expiring)
     refresher.start()
     try:
         time.sleep(2.5)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter, HTTPException, Query, status
 
-from fleet import devices
+from fleet import devices, telemetry
 from fleet.api.deps import CurrentToken, SessionDep
-from fleet.models import DeviceEventPublic, DevicePublic
+from fleet.models import DeviceEventPublic, DevicePublic, HeartbeatRow
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
@@ -33,4 +35,21 @@ def device_events(
     return [
         DeviceEventPublic.model_validate(row, from_attributes=True)
         for row in devices.list_events(session, device_id, limit)
+    ]
+
+
+@router.get("/{device_id}/telemetry", response_model=list[HeartbeatRow])
+def device_telemetry(
+    device_id: str,
+    session: SessionDep,
+    _: CurrentToken,
+    since: datetime | None = Query(default=None, description="ISO 8601; default: all kept"),
+    limit: int = Query(default=1000, ge=1, le=10_000),
+) -> list[HeartbeatRow]:
+    """The device's heartbeats in seq order (kept for the retention period)."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    return [
+        HeartbeatRow.model_validate(row, from_attributes=True)
+        for row in telemetry.heartbeats(session, device_id, since, limit)
     ]

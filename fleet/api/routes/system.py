@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from datetime import timedelta
 
-from fleet import tokens
+from fastapi import APIRouter, Query, Request
+
+from agent.contract import utcnow
+from fleet import telemetry, tokens
 from fleet.api.deps import AdminToken, CurrentToken, SessionDep
 from fleet.models import TokenPublic
 
@@ -40,3 +43,13 @@ def list_tokens(session: SessionDep, _: AdminToken) -> list[TokenPublic]:
         )
         for row in tokens.list_tokens(session)
     ]
+
+
+@router.get("/api/v1/telemetry/summary", tags=["telemetry"])
+def telemetry_summary(
+    session: SessionDep,
+    _: CurrentToken,
+    minutes: float = Query(default=15, gt=0, le=60 * 24 * 31),
+) -> dict:
+    """Fleet-wide figures over the heartbeats of the last ``minutes``."""
+    return telemetry.fleet_summary(session, utcnow() - timedelta(minutes=minutes))
