@@ -44,8 +44,11 @@ def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
         for m in messages
     ]
     insert = dialect_insert(session)
-    result = session.execute(insert(Heartbeat).values(rows).on_conflict_do_nothing())
-    return max(result.rowcount, 0)
+    # RETURNING, not rowcount: drivers disagree on rowcount for multi-row inserts.
+    result = session.execute(
+        insert(Heartbeat).values(rows).on_conflict_do_nothing().returning(Heartbeat.id)
+    )
+    return len(result.all())
 
 
 def heartbeats(
