@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import getpass
+import secrets
 import shutil
 import signal
 import socket
@@ -61,11 +62,17 @@ class LocalBroker:
         *,
         extra_config: str = "",
         persistence: bool = True,
+        acl_file: Path | None = None,
     ) -> None:
+        """With ``acl_file`` the broker takes only accounts added by :meth:`add_account`
+        and enforces that ACL (``deploy/mosquitto/edgefleet.acl`` in production)."""
         self.work_dir = work_dir
         self.port = port or free_port()
         self.extra_config = extra_config
         self.persistence = persistence
+        self.acl_file = acl_file
+        self.password_file = work_dir / "passwd"
+        self.passwords: dict[str, str] = {}
         self.log_path = work_dir / "mosquitto.log"
         self._process: subprocess.Popen | None = None
 
@@ -73,11 +80,40 @@ class LocalBroker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    def url_for(self, user: str) -> str:
+        """The broker URL with ``user``'s credentials (the account is created if needed)."""
+        if user not in self.passwords:
+            self.add_account(user)
+        return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{self.port}"
+
+    def add_account(self, user: str, password: str | None = None) -> str:
+        """Add an account with ``mosquitto_passwd`` and make a running broker reload."""
+        password = password or secrets.token_urlsafe(18)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        if not self.password_file.exists():
+            self.password_file.touch(mode=0o600)
+        subprocess.run([tool, "-b", str(self.password_file), user, password], check=True,
+                       capture_output=True)
+        self.passwords[user] = password
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGHUP)  # reloads accounts and the ACL
+            time.sleep(0.2)
+        return password
+
     def _write_config(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *(
+                [
+                    "allow_anonymous false",
+                    f"password_file {self.password_file}",
+                    f"acl_file {self.acl_file}",
+                ]
+                if self.acl_file is not None
+                else ["allow_anonymous true"]
+            ),
             # Keep running as whoever started us: no drop to a `mosquitto` user that could
             # not write our directory.
             f"user {getpass.getuser()}",
@@ -97,6 +133,9 @@ class LocalBroker:
     def start(self, timeout: float = 10.0) -> LocalBroker:
         if self._process is not None and self._process.poll() is None:
             return self
+        if self.acl_file is not None and not self.password_file.exists():
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self.password_file.touch(mode=0o600)
         config = self._write_config()
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(

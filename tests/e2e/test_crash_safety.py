@@ -12,6 +12,7 @@ import pytest
 from agent.bundle import verify_slot
 from agent.faults import CRASH_POINTS
 from agent.slots import Slots
+from tests.fixtures.broker import FLEET_ACCOUNT
 from tests.fixtures.processes import start_fleet
 from tests.fixtures.waiting import wait_until
 
@@ -23,18 +24,20 @@ V2 = {"name": "detector", "version": 2}
 def test_agent_killed_during_an_install_comes_back_serving_a_verified_model(
     tmp_path, mosquitto, agents, make_bundle, crash_at
 ):
-    fleet = start_fleet(tmp_path, mosquitto.url, f"sqlite:///{tmp_path / 'fleet.db'}")
+    fleet = start_fleet(
+        tmp_path, mosquitto.url_for(FLEET_ACCOUNT), f"sqlite:///{tmp_path / 'fleet.db'}"
+    )
     try:
         for version, seed in ((1, 0), (2, 1)):
             bundle = make_bundle(version=version, seed=seed)
             assert fleet.cli("bundle", "publish", str(bundle.path)).returncode == 0
         agents.enroll("dev", fleet.url)
-        first = agents.start("dev", mosquitto.url)
+        first = agents.start("dev", mosquitto)
         assert fleet.cli("deploy", "detector", "--version", "1", "--device", "dev").returncode == 0
         wait_until(lambda: fleet.device("dev")["active_model"] == V1, timeout=20, what="v1")
         first.terminate()
 
-        crashing = agents.start("dev", mosquitto.url, env={"EDGE_AGENT_CRASH_AT": crash_at})
+        crashing = agents.start("dev", mosquitto, env={"EDGE_AGENT_CRASH_AT": crash_at})
         wait_until(lambda: fleet.device("dev")["online"], timeout=10, what="agent back")
         assert fleet.cli("deploy", "detector", "--version", "2", "--device", "dev").returncode == 0
         crashing.process.wait(20)
@@ -49,7 +52,7 @@ def test_agent_killed_during_an_install_comes_back_serving_a_verified_model(
         assert verify_slot(slots.path(active)).ref.model_dump() == V1
 
         log_start = len(crashing.log())
-        restarted = agents.start("dev", mosquitto.url)
+        restarted = agents.start("dev", mosquitto)
         wait_until(lambda: "serving detector v1 from slot" in restarted.log()[log_start:],
                    timeout=10, what="the restarted agent to serve v1 first")
         # ...and it finishes the interrupted update by itself.

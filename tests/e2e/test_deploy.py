@@ -36,7 +36,7 @@ def test_deploy_update_rollback_and_refusals(
         assert published.returncode == 0, published.stderr
         assert f"published detector v{version}" in published.stdout
     assert "enrolled with" in agents.enroll("edge-7", fleet_server.url)
-    agent = agents.start("edge-7", mosquitto.url)
+    agent = agents.start("edge-7", mosquitto)
     wait_until(lambda: fleet_server.device("edge-7"), timeout=10, what="edge-7 registered")
 
     deployed = _deploy(fleet_server, 1, "edge-7")

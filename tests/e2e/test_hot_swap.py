@@ -36,7 +36,7 @@ def test_update_and_rollback_under_load_fail_no_request(
         for version, seed in ((1, 0), (2, 1))
     }
     agents.enroll("cam", fleet_server.url)
-    agent = agents.start("cam", mosquitto.url)
+    agent = agents.start("cam", mosquitto)
     deployed = fleet_server.cli("deploy", "detector", "--version", "1", "--device", "cam")
     assert deployed.returncode == 0, deployed.stderr
     wait_until(lambda: _serving(agent.endpoint), timeout=20, what="v1 serving")

@@ -21,8 +21,8 @@ def test_two_agents_listed_online_then_kill9_goes_offline_by_last_will(
     fleet_server, mosquitto, agents
 ):
     started = time.monotonic()
-    first = agents.start("cam-01", mosquitto.url)
-    agents.start("cam-02", mosquitto.url)
+    first = agents.start("cam-01", mosquitto)
+    agents.start("cam-02", mosquitto)
 
     def both_online_with_heartbeat():
         listed = {d["id"]: d for d in fleet_server.get("/api/v1/devices").json()}
@@ -55,7 +55,7 @@ def test_two_agents_listed_online_then_kill9_goes_offline_by_last_will(
 
 
 def test_agent_reconnects_after_the_broker_restarts(fleet_server, mosquitto, agents):
-    agents.start("gw-01", mosquitto.url)
+    agents.start("gw-01", mosquitto)
     device = wait_until(
         lambda: (d := _online(fleet_server, "gw-01")) and d["heartbeat"] and d,
         timeout=10,
@@ -76,7 +76,7 @@ def test_agent_reconnects_after_the_broker_restarts(fleet_server, mosquitto, age
 
 
 def test_clean_stop_reports_offline(fleet_server, mosquitto, agents):
-    agent = agents.start("gw-02", mosquitto.url)
+    agent = agents.start("gw-02", mosquitto)
     wait_until(lambda: _online(fleet_server, "gw-02"), timeout=10, what="gw-02 online")
     assert agent.terminate() == 0
     wait_until(

@@ -7,6 +7,7 @@ keeps the worker's session and queues its messages meanwhile.
 from __future__ import annotations
 
 from agent.contract import HeartbeatTelemetry, encode, topic, utcnow
+from tests.fixtures.broker import FLEET_ACCOUNT
 from tests.fixtures.processes import start_fleet
 from tests.fixtures.waiting import wait_until
 
@@ -14,7 +15,7 @@ from tests.fixtures.waiting import wait_until
 def test_messages_sent_while_the_worker_is_down_are_stored_after_it_restarts(
     tmp_path, mosquitto, raw_mqtt, database_url
 ):
-    fleet = start_fleet(tmp_path, mosquitto.url, database_url)
+    fleet = start_fleet(tmp_path, mosquitto.url_for(FLEET_ACCOUNT), database_url)
     try:
         raw_mqtt.publish(topic("dev-d", "telemetry"), encode(_beat(1)))
         wait_until(lambda: fleet.device("dev-d"), timeout=10, what="dev-d stored")
@@ -23,7 +24,7 @@ def test_messages_sent_while_the_worker_is_down_are_stored_after_it_restarts(
     for seq in range(2, 12):
         raw_mqtt.publish(topic("dev-d", "telemetry"), encode(_beat(seq)))
 
-    fleet = start_fleet(tmp_path, mosquitto.url, database_url)
+    fleet = start_fleet(tmp_path, mosquitto.url_for(FLEET_ACCOUNT), database_url)
     try:
         wait_until(
             lambda: fleet.device("dev-d")["heartbeat"]["uptime_s"] == 11.0,
