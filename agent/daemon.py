@@ -369,6 +369,7 @@ class AgentDaemon:
     def _queue_heartbeat(self) -> None:
         beat = self.heartbeat()
         self.outbox.put(beat.seq, Channel.TELEMETRY.value, encode(beat), HEARTBEAT_EXPIRY_S)
+        log.debug("queued telemetry seq %d", beat.seq)
 
     def stop(self) -> None:
         self._stop.set()
