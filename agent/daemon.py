@@ -391,6 +391,12 @@ class AgentDaemon:
             log.info("serving %s v%d from slot %s", loaded.manifest.name,
                      loaded.manifest.version, loaded.slot)
             self._swap_model(loaded)
+        current = self.host.current
+        self._event(
+            "started",
+            agent_version=__version__,
+            model=current.manifest.ref.model_dump() if current else None,
+        )
         self._worker.start()
         self.drainer.start()
         try:

@@ -45,7 +45,9 @@ def test_deploy_update_rollback_and_refusals(
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 1},
                timeout=20, what="v1 active")
     steps = [e["event"] for e in fleet_server.events("edge-7")]
-    assert steps == ["desired_received", "downloading", "verified", "installed", "healthy"]
+    assert steps == [
+        "started", "desired_received", "downloading", "verified", "installed", "healthy"
+    ]
 
     assert _deploy(fleet_server, 2, "edge-7").returncode == 0
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 2},
