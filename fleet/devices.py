@@ -32,6 +32,7 @@ __all__ = [
     "get_device",
     "list_devices",
     "list_events",
+    "lock_devices",
     "touch",
 ]
 
@@ -46,7 +47,28 @@ def _insert_ignoring_conflict(session: Session, device_id: str) -> None:
     )
 
 
+def lock_devices(session: Session, device_ids: set[str]) -> None:
+    """Register and row-lock every device of an ingest batch with two statements, instead of
+    two per message. Ids are locked in sorted order, so concurrent workers cannot deadlock."""
+    if not device_ids:
+        return
+    ordered = sorted(device_ids)
+    now = utcnow()
+    session.execute(
+        dialect_insert(session)(Device)
+        .values([{"id": device_id, "first_seen": now} for device_id in ordered])
+        .on_conflict_do_nothing()
+    )
+    rows = session.exec(
+        select(Device).where(Device.id.in_(ordered)).order_by(Device.id).with_for_update()  # type: ignore[attr-defined]
+    )
+    session.info.setdefault("locked_devices", {}).update({row.id: row for row in rows})
+
+
 def _device_for_update(session: Session, device_id: str) -> Device:
+    locked = session.info.get("locked_devices", {}).get(device_id)
+    if locked is not None:
+        return locked
     device = session.get(Device, device_id, with_for_update=True)
     if device is None:
         _insert_ignoring_conflict(session, device_id)

@@ -229,6 +229,7 @@ class IngestWorker:
         beats = [m for _, m in decoded if isinstance(m, HeartbeatTelemetry)]
         events = [m for _, m in decoded if isinstance(m, EventMessage)]
         with Session(self.engine) as session:
+            devices.lock_devices(session, {m.device_id for _, m in decoded})
             for inbound, message in decoded:
                 fresh = not inbound.retained
                 if isinstance(message, StatusMessage):

@@ -1,0 +1,241 @@
+"""Benchmark: fleet ingest throughput against a bare MQTT subscriber, 1 vs 2 workers, RSS.
+
+Simulated devices publish heartbeats (QoS 1) as fast as they can into a real mosquitto.
+In the same run, on the same stream:
+
+* a bare paho subscriber (shared subscription, counting only) gives the receive rate;
+* one ``edge-fleet serve`` worker with PostgreSQL stores the stream: ``ingest_vs_bare`` is
+  its stored rate over the bare receive rate (goal >= 0.8);
+* two workers split it through the shared subscription: ``two_workers_vs_one``
+  (goal >= 1.6 where the machine's cores allow; on 2 cores the broker, the publisher, the
+  workers and PostgreSQL share them, which is what limits it);
+* ``worker_rss_mb`` / ``worker_rss_mb_long``: the worker's peak RSS after the stream and
+  after one 10x longer (goal: flat).
+
+Rates run from the first publish to the last message received or stored. Last line: one
+JSON object.
+
+    python bench/ingest.py                          # 100 devices, 20 000 messages
+    python bench/ingest.py --messages 2000 --no-long  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def publish(url: str, devices: int, messages: int, first_seq: int) -> None:
+    """Child process: publish ``messages`` heartbeats round-robin over ``devices`` ids."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.contract import HeartbeatTelemetry, encode, topic, utcnow
+    from agent.mqtt import BrokerAddress
+
+    address = BrokerAddress.parse(url)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                         protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    infos = []
+    for index in range(messages):
+        device = f"sim-{index % devices:05d}"
+        beat = HeartbeatTelemetry(
+            device_id=device, seq=first_seq + index // devices, sent_at=utcnow(), uptime_s=1.0,
+            cpu_percent=5.0, rss_mb=40.0, inference_count=index, error_count=0,
+            latency_ms_p50=1.0, latency_ms_p95=2.0,
+        )
+        infos.append(client.publish(topic(device, "telemetry"), encode(beat), qos=1))
+    for info in infos:
+        info.wait_for_publish(timeout=120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def subscribe(url: str, messages: int, ready_file: str) -> None:
+    """Child process: the bare subscriber. Prints the time of the last message."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.mqtt import BrokerAddress
+
+    address = BrokerAddress.parse(url)
+    done = threading.Event()
+    count = [0]
+
+    def on_message(client, userdata, message):
+        count[0] += 1
+        if count[0] >= messages:
+            done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare", protocol=paho.MQTTv5)
+    client.on_message = on_message
+    client.on_connect = lambda c, u, f, rc, p: (
+        c.subscribe("$share/bare/edgefleet/v1/devices/+/telemetry", qos=1),
+        Path(ready_file).touch(),
+    )
+    client.connect(address.host, address.port)
+    client.loop_start()
+    done.wait(600)
+    print(json.dumps({"last": time.time(), "count": count[0]}))
+    client.disconnect()
+    client.loop_stop()
+
+
+def _python(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, **kwargs)
+
+
+def run_bare(url: str, devices: int, messages: int, work: Path) -> float:
+    ready = work / "bare.ready"
+    subscriber = _python("--subscribe", url, str(messages), str(ready),
+                         stdout=subprocess.PIPE, text=True)
+    while not ready.exists():
+        time.sleep(0.05)
+    started = time.time()
+    _python("--publish", url, str(devices), str(messages), "1").wait()
+    out, _ = subscriber.communicate(timeout=600)
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["count"] / (result["last"] - started)
+
+
+class Workers:
+    """``count`` edge-fleet serve processes on one fresh PostgreSQL database."""
+
+    def __init__(self, url: str, count: int, work: Path) -> None:
+        import httpx
+        import psycopg
+
+        from fleet.local_broker import free_port
+
+        self.admin = psycopg.connect(PG_ADMIN, autocommit=True)
+        self.db_name = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
+        self.admin.execute(f'CREATE DATABASE "{self.db_name}"')
+        self.db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.db_name
+        self.processes = []
+        for index in range(count):
+            port = free_port()
+            env = {**os.environ, "EDGEFLEET_DATABASE_URL": self.db_url,
+                   "EDGEFLEET_DATA_DIR": str(work / f"fleet-{index}"),
+                   "EDGEFLEET_WORKER_ID": f"bench-{index}", "EDGEFLEET_LOG_LEVEL": "WARNING"}
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fleet.cli", "serve", "--port", str(port), "--broker",
+                 url], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.processes.append(process)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()[
+                            "ingest_connected"]:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("edge-fleet serve did not start")
+                time.sleep(0.2)
+        import psycopg as pg
+
+        self.db = pg.connect(self.db_url, autocommit=True)
+
+    def stored(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM heartbeat").fetchone()[0]
+
+    def run(self, url: str, devices: int, messages: int, first_seq: int) -> float:
+        before = self.stored()
+        started = time.time()
+        publisher = _python("--publish", url, str(devices), str(messages), str(first_seq))
+        while self.stored() < before + messages:
+            time.sleep(0.05)
+        stored_at = time.time()
+        publisher.wait()
+        return messages / (stored_at - started)
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.processes[0].pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.terminate()
+            process.wait(30)
+        self.db.close()
+        self.admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        self.admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--no-long", action="store_true", help="skip the 10x longer run")
+    parser.add_argument("--publish", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--subscribe", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.publish:
+        publish(args.publish[0], int(args.publish[1]), int(args.publish[2]),
+                int(args.publish[3]))
+        return
+    if args.subscribe:
+        subscribe(args.subscribe[0], int(args.subscribe[1]), args.subscribe[2])
+        return
+
+    from fleet.local_broker import LocalBroker
+
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        work = Path(tmp)
+        with LocalBroker(work / "broker") as broker:
+            bare = run_bare(broker.url, args.devices, args.messages, work)
+            print(f"bare subscriber:  {bare:9.0f} msgs/s")
+
+            one = Workers(broker.url, 1, work / "one")
+            try:
+                rate_one = one.run(broker.url, args.devices, args.messages, 1)
+                print(f"1 worker stored:  {rate_one:9.0f} msgs/s")
+                figures["worker_rss_mb"] = round(one.peak_rss_mb(), 1)
+                if not args.no_long:
+                    one.run(broker.url, args.devices, args.messages * 10, 10**9)
+                    figures["worker_rss_mb_long"] = round(one.peak_rss_mb(), 1)
+            finally:
+                one.close()
+
+            two = Workers(broker.url, 2, work / "two")
+            try:
+                rate_two = two.run(broker.url, args.devices, args.messages, 1)
+                print(f"2 workers stored: {rate_two:9.0f} msgs/s")
+            finally:
+                two.close()
+    figures.update({
+        "ingest_vs_bare": round(rate_one / bare, 3),
+        "two_workers_vs_one": round(rate_two / rate_one, 3),
+        "msgs_per_s": round(rate_one),
+        "bare_msgs_per_s": round(bare),
+        "cores": os.cpu_count() or 0,
+    })
+    print(f"worker peak RSS: {figures['worker_rss_mb']} MB"
+          + (f", after 10x longer: {figures['worker_rss_mb_long']} MB"
+             if "worker_rss_mb_long" in figures else ""))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
