@@ -51,7 +51,7 @@ from agent.errors import (
 from agent.installer import Installer, LoadedModel
 from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
 from agent.outbox import Outbox, OutboxDrainer, Pending
-from agent.process_stats import ProcessSampler
+from agent.process_stats import ProcessSampler, release_free_memory
 from agent.serving import ModelHost
 from agent.state import AgentState
 from agent.stats import InferenceStats
@@ -338,6 +338,7 @@ class AgentDaemon:
     def _swap_model(self, new: LoadedModel) -> None:
         """Requests in flight finish on the old engine; new ones go to ``new``."""
         self.host.swap(new)
+        release_free_memory()
         if self.link.connected:
             self._publish_reported()
 

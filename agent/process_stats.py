@@ -6,13 +6,15 @@ reads ``/proc/self/status`` and falls back to ``resource`` elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import resource
 import sys
 import time
 from dataclasses import dataclass
 
-__all__ = ["ProcessSample", "ProcessSampler", "rss_mb"]
+__all__ = ["ProcessSample", "ProcessSampler", "release_free_memory", "rss_mb"]
 
 
 def rss_mb() -> float:
@@ -26,6 +28,14 @@ def rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def release_free_memory() -> None:
+    """Give freed heap back to the OS (glibc ``malloc_trim``). Loading and health-checking
+    a model frees a lot of temporary memory that glibc would otherwise keep: on a device
+    with a few hundred MB, idle RSS is what counts. A no-op where glibc is absent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,13 @@ def publish(url: str, devices: int, messages: int, first_seq: int) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
                          protocol=paho.MQTTv5)
     client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)  # unbounded: this process is the load generator
     client.connect(address.host, address.port)
     client.loop_start()
     infos = []
     for index in range(messages):
+        if len(infos) >= 5000:  # keep the client's queue (and our memory) bounded
+            infos.pop(0).wait_for_publish(timeout=120)
         device = f"sim-{index % devices:05d}"
         beat = HeartbeatTelemetry(
             device_id=device, seq=first_seq + index // devices, sent_at=utcnow(), uptime_s=1.0,
