@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -22,3 +24,28 @@ def test_verify_benchmark_prints_its_figures_as_json():
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"verify_vs_sha256", "rss_mb_1", "rss_mb_3", "download_vs_sha256"} <= set(figures)
     assert figures["verify_vs_sha256"] > 0 and figures["rss_mb_3"] > 0
+
+
+def test_infer_benchmark_prints_its_figures_as_json():
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "infer.py"), "--seconds", "0.05"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"engine_vs_bare_b256", "endpoint_vs_bare_b1", "idle_rss_mb"} <= set(figures)
+    assert figures["idle_rss_mb"] > 0
+
+
+@pytest.mark.postgres
+def test_ingest_benchmark_prints_its_figures_as_json(postgres_url):
+    """Needs PostgreSQL (the postgres_url fixture skips, or fails under CI, without it)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "ingest.py"), "--messages", "300", "--devices", "10",
+         "--no-long"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"ingest_vs_bare", "two_workers_vs_one", "msgs_per_s", "worker_rss_mb"} <= set(figures)
+    assert figures["msgs_per_s"] > 0
