@@ -20,9 +20,10 @@ backend: the agent daemon imports it on devices where a backend may not be insta
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from types import TracebackType
@@ -38,6 +39,7 @@ __all__ = [
     "InputError",
     "TensorSpec",
     "prepare_inputs",
+    "translate_errors",
 ]
 
 InputData: TypeAlias = ArrayLike | Mapping[str, ArrayLike]
@@ -49,6 +51,15 @@ _REFUSED_KINDS = frozenset("USOVMm")
 
 class EngineError(Exception):
     """The model cannot be loaded or run; raised ``from`` the backend's own exception."""
+
+
+@contextlib.contextmanager
+def translate_errors(backend_errors: tuple[type[Exception], ...], action: str) -> Iterator[None]:
+    """The one boundary with a backend: its exceptions become :class:`EngineError`."""
+    try:
+        yield
+    except backend_errors as exc:
+        raise EngineError(f"{action}: {exc}") from exc
 
 
 class InputError(EngineError, ValueError):

@@ -16,9 +16,8 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from agent.runtime.engine import Engine, EngineError, TensorSpec
+from agent.runtime.engine import Engine, EngineError, TensorSpec, translate_errors
 
 __all__ = ["DEFAULT_PROVIDERS", "OnnxEngine"]
 
@@ -60,12 +59,8 @@ _ORT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-@contextlib.contextmanager
-def _translate_errors(action: str) -> Iterator[None]:
-    try:
-        yield
-    except _ORT_ERRORS as exc:
-        raise EngineError(f"{action}: {exc}") from exc
+def _translate_errors(action: str):
+    return translate_errors(_ORT_ERRORS, action)
 
 
 class OnnxEngine(Engine):

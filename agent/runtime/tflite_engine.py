@@ -25,16 +25,15 @@ Quantized tensors are exchanged raw: a uint8/int8 input takes the integers the m
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.runtime.engine import Engine, EngineError, TensorSpec
+from agent.runtime.engine import Engine, EngineError, TensorSpec, translate_errors
 
 __all__ = ["TfliteEngine"]
 
@@ -62,12 +61,8 @@ _SUPPORTED_DTYPES = frozenset(
 _RUNTIME_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError)
 
 
-@contextlib.contextmanager
-def _translate_errors(action: str) -> Iterator[None]:
-    try:
-        yield
-    except _RUNTIME_ERRORS as exc:
-        raise EngineError(f"{action}: {exc}") from exc
+def _translate_errors(action: str):
+    return translate_errors(_RUNTIME_ERRORS, action)
 
 
 def _interpreter_class() -> type[Any]:
