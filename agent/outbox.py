@@ -88,12 +88,13 @@ class Outbox:
         expires = time.time() + expiry_s if expiry_s else None
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute(
+            inserted = self._db.execute(
                 "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?, ?)",
                 (seq, channel, priority, payload, len(payload), expires),
-            )
-            self._depth += 1
-            self._bytes += len(payload)
+            ).rowcount
+            if inserted:  # the same seq twice is one message
+                self._depth += 1
+                self._bytes += len(payload)
             while self._bytes > self.budget_bytes:
                 victim = self._db.execute(
                     "SELECT seq, priority, size FROM outbox ORDER BY priority, seq LIMIT 1"

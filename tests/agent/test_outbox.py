@@ -41,6 +41,13 @@ def test_events_are_dropped_only_when_nothing_else_is_left(tmp_path):
     assert [p.seq for p in outbox.after(0, 100)] == [6, 7, 8, 9, 10]
 
 
+def test_the_same_seq_twice_is_stored_and_counted_once(tmp_path):
+    outbox = Outbox(tmp_path / "o.db", budget_bytes=1 << 20)
+    outbox.put(5, "events", b"e" * 10)
+    outbox.put(5, "events", b"e" * 10)
+    assert (outbox.stats().depth, outbox.stats().bytes) == (1, 10)
+
+
 def test_expired_messages_are_not_sent(tmp_path):
     outbox = Outbox(tmp_path / "o.db", budget_bytes=1 << 20)
     outbox.put(1, "telemetry", b"old", expiry_s=0.01)
