@@ -37,16 +37,6 @@ __all__ = [
 ]
 
 
-def _insert_ignoring_conflict(session: Session, device_id: str) -> None:
-    """Register a device unless another worker just did: one statement, no savepoint (pysqlite
-    commits on RELEASE SAVEPOINT, which would break the caller's transaction on SQLite)."""
-    insert = dialect_insert(session)
-    now = utcnow()
-    session.execute(
-        insert(Device).values(id=device_id, first_seen=now).on_conflict_do_nothing()
-    )
-
-
 def lock_devices(session: Session, device_ids: set[str]) -> None:
     """Row-lock (and register, if new) every device of an ingest batch in one or two
     statements, instead of two per message. Sorted ids: concurrent workers cannot deadlock."""
@@ -72,15 +62,10 @@ def _select_for_update(session: Session, ids: list[str]) -> list[Device]:
 
 
 def _device_for_update(session: Session, device_id: str) -> Device:
-    locked = session.info.get("locked_devices", {}).get(device_id)
-    if locked is not None:
-        return locked
-    device = session.get(Device, device_id, with_for_update=True)
-    if device is None:
-        _insert_ignoring_conflict(session, device_id)
-        device = session.get(Device, device_id, with_for_update=True)
-        assert device is not None
-    return device
+    """The device's row, locked for this transaction (registered first if it is new)."""
+    if device_id not in session.info.get("locked_devices", {}):
+        lock_devices(session, {device_id})
+    return session.info["locked_devices"][device_id]
 
 
 def apply_status(session: Session, message: StatusMessage, fresh: bool = True) -> bool:

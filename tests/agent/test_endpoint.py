@@ -7,7 +7,6 @@ daemon loads it.
 from __future__ import annotations
 
 import io
-import json
 
 import httpx
 import numpy as np
@@ -134,7 +133,7 @@ def test_unix_socket_endpoint(loaded, tmp_path, weights):
             x = np.ones((2, 4), np.float32)
             body = client.post("/v1/infer", json={"inputs": x.tolist()}).json()
         np.testing.assert_allclose(body["outputs"]["y"], mlp_reference(weights, x), atol=1e-5)
-        assert json.loads(json.dumps(body))["model"]["version"] == 4
+        assert body["model"]["version"] == 4
     finally:
         server.stop()
         host.close()
