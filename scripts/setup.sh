@@ -32,6 +32,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   "$PY" -m venv .venv
 fi
+EXTRAS="${EXTRAS:-dev}"
 echo "==> installing edgefleet[${EXTRAS}] into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" \
   2>&1 | { grep -v -E "^WARNING: Location .* is ignored" || true; }
