@@ -48,7 +48,7 @@ __all__ = ["SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
 log = logging.getLogger(__name__)
 
 SHARED_GROUP = "fleet"
-RATE_WINDOW_S = 10.0
+RATE_WINDOW_S = 10
 SUBSCRIPTIONS = (
     f"{TOPIC_ROOT}/+/{Channel.STATUS.value}",
     f"{TOPIC_ROOT}/+/{Channel.REPORTED.value}",
@@ -60,22 +60,30 @@ SUBSCRIPTIONS = (
 
 @dataclass
 class IngestMetrics:
-    """Counters, ingest lag (receive time minus the device's ``sent_at``) and a 10-second
-    rate of accepted messages, for ``GET /api/v1/metrics``."""
+    """Counters, ingest lag (store time minus the device's ``sent_at``; "last" is the
+    largest of the last stored batch) and a 10-second rate of accepted messages, for
+    ``GET /api/v1/metrics``.
+
+    The rate is kept as one counter per whole second, pruned on every write: its memory is
+    bounded by the window, not by the traffic, whether or not anyone reads the metrics."""
 
     accepted: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     heartbeats_stored: int = 0
     last_lag_s: float | None = None
     max_lag_s: float = 0.0
-    _recent: deque = field(default_factory=deque, repr=False)
+    _per_second: deque[list[int]] = field(default_factory=deque, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def accept(self, kind: str, lag_s: float | None = None) -> None:
-        now = time.monotonic()
+    def accept(self, kind: str, lag_s: float | None = None, count: int = 1) -> None:
+        second = int(time.monotonic())
         with self._lock:
-            self.accepted[kind] += 1
-            self._recent.append(now)
+            self.accepted[kind] += count
+            if self._per_second and self._per_second[-1][0] == second:
+                self._per_second[-1][1] += count
+            else:
+                self._per_second.append([second, count])
+                self._prune(second)
             if lag_s is not None:
                 self.last_lag_s = lag_s
                 self.max_lag_s = max(self.max_lag_s, lag_s)
@@ -89,19 +97,22 @@ class IngestMetrics:
             self.rejected[reason] += 1
 
     def snapshot(self) -> dict:
-        now = time.monotonic()
         with self._lock:
-            while self._recent and now - self._recent[0] > RATE_WINDOW_S:
-                self._recent.popleft()
+            self._prune(int(time.monotonic()))
+            recent = sum(count for _, count in self._per_second)
             return {
                 "accepted": dict(self.accepted),
                 "rejected": dict(self.rejected),
                 "rejected_total": sum(self.rejected.values()),
                 "heartbeats_stored": self.heartbeats_stored,
-                "messages_per_s": round(len(self._recent) / RATE_WINDOW_S, 2),
+                "messages_per_s": round(recent / RATE_WINDOW_S, 2),
                 "lag_s_last": self.last_lag_s,
                 "lag_s_max": self.max_lag_s,
             }
+
+    def _prune(self, second: int) -> None:
+        while self._per_second and second - self._per_second[0][0] >= RATE_WINDOW_S:
+            self._per_second.popleft()
 
 
 class IngestWorker:
@@ -219,8 +230,10 @@ class IngestWorker:
         else:
             return  # stopping: leave it unacknowledged, the broker redelivers it
         now = utcnow()
-        for message, item in decoded:
-            self.metrics.accept(item.kind, lag_s=(now - item.sent_at).total_seconds())
+        lag_s = max((now - item.sent_at).total_seconds() for _, item in decoded)
+        for kind, count in Counter(item.kind for _, item in decoded).items():
+            self.metrics.accept(kind, lag_s=lag_s, count=count)
+        for message, _ in decoded:
             message.ack()
 
     def _store(self, decoded: list[tuple[Inbound, DeviceMessageT]]) -> None:
