@@ -5,7 +5,8 @@ For batch 1 and 256, p50/p99 latency and throughput of
   (b) the agent's engine in-process (``Engine.infer``: validation + the same runtime),
   (c) the agent's local HTTP endpoint (keep-alive; JSON for batch 1, .npy for batch 256),
 and the ratios (b)/(a) and (c)/(a) of p50 latency. Then the idle RSS of a real
-``edge-agent run`` process with one model loaded. Last line: one JSON object.
+``edge-agent run`` process with one model loaded, and beside it the floor: a Python process
+holding only an onnxruntime session on the same model. Last line: one JSON object.
 
     python bench/infer.py                  # default sizes
     python bench/infer.py --seconds 0.3    # a quick run
@@ -105,6 +106,25 @@ def tflite_pair(work: Path):
         return interpreter.get_tensor(index_out)
 
     return bare, load_engine(path, num_threads=1)
+
+
+_BARE_SESSION = """
+import sys, time
+import numpy as np
+import onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+session.run(None, {"x": np.zeros((1, int(sys.argv[2])), np.float32)})
+time.sleep(1)
+print([int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")][0])
+"""
+
+
+def rss_of_bare_session(model: Path) -> float:
+    """The floor under the agent's idle RSS: a Python process holding only an onnxruntime
+    session on the same model."""
+    out = subprocess.run([sys.executable, "-c", _BARE_SESSION, str(model), str(FEATURES)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) / 1024
 
 
 def rss_of_idle_agent(state_dir: Path) -> float:
@@ -211,7 +231,9 @@ def main() -> None:
             endpoint.stop()
             host.close()
         figures["idle_rss_mb"] = round(rss_of_idle_agent(work / "state"), 1)
-        print(f"idle agent with one model loaded: {figures['idle_rss_mb']} MB RSS")
+        figures["bare_session_rss_mb"] = round(rss_of_bare_session(slot / manifest.model_file), 1)
+        print(f"idle agent with one model loaded: {figures['idle_rss_mb']} MB RSS "
+              f"(python + onnxruntime session alone: {figures['bare_session_rss_mb']} MB)")
     print(json.dumps(figures))
 
 

@@ -136,6 +136,7 @@ class Workers:
         self.admin.execute(f'CREATE DATABASE "{self.db_name}"')
         self.db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.db_name
         self.processes: list[subprocess.Popen] = []
+        work.mkdir(parents=True, exist_ok=True)
         self.start()
         self.db = psycopg.connect(self.db_url, autocommit=True)
 
@@ -154,7 +155,7 @@ class Workers:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "fleet.cli", "serve", "--port", str(ports[-1]),
                  "--broker", self.url], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
+                stderr=(self.work / f"fleet-{index}.log").open("ab")))
         deadline = time.monotonic() + 60
         for port in ports:
             while True:
@@ -165,7 +166,8 @@ class Workers:
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError("edge-fleet serve did not start")
+                    log = (self.work / f"fleet-{ports.index(port)}.log").read_text()
+                    raise RuntimeError(f"edge-fleet serve did not start:\n{log[-3000:]}")
                 time.sleep(0.2)
 
     def stop(self) -> None:

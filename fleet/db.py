@@ -6,7 +6,7 @@ write concurrently without "database is locked" errors.
 
 from __future__ import annotations
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -42,5 +42,16 @@ def dialect_insert(session: Session):
     return sqlite_insert
 
 
+# Any fixed number: every edge-fleet process that creates tables takes this lock first.
+_SCHEMA_LOCK_ID = 0x6564676566  # "edgef"
+
+
 def init_db(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
+    """Create missing tables. On PostgreSQL, workers starting together on a fresh database
+    would race (two ``CREATE TYPE``, one fails with a unique violation), so creation runs
+    under a transaction-scoped advisory lock: the first creates, the others then find
+    everything in place."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+        SQLModel.metadata.create_all(connection)
