@@ -12,6 +12,10 @@ several fleet workers may see the same retained message:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from sqlalchemy import JSON, bindparam, case, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, select
 
 from agent.contract import (
@@ -26,12 +30,13 @@ from fleet.models import Device, DeviceEvent
 
 __all__ = [
     "apply_event",
-    "apply_heartbeat",
+    "apply_heartbeats",
     "apply_reported",
     "apply_status",
     "get_device",
     "list_devices",
     "list_events",
+    "load_devices",
     "lock_devices",
     "touch",
 ]
@@ -39,33 +44,48 @@ __all__ = [
 
 def lock_devices(session: Session, device_ids: set[str]) -> None:
     """Row-lock (and register, if new) every device of an ingest batch in one or two
-    statements, instead of two per message. Sorted ids: concurrent workers cannot deadlock."""
+    statements, instead of two per message. Sorted ids: concurrent workers cannot deadlock.
+    Only ids are read: the few devices whose rows the batch edits field by field are loaded
+    with :func:`load_devices`."""
     if not device_ids:
         return
     ordered = sorted(device_ids)
-    locked = session.info.setdefault("locked_devices", {})
-    locked.update({row.id: row for row in _select_for_update(session, ordered)})
+    locked: set[str] = session.info.setdefault("locked_devices", set())
+    locked.update(_lock_ids(session, ordered))
     missing = [device_id for device_id in ordered if device_id not in locked]
     if missing:
-        table = Device.__table__  # type: ignore[attr-defined]
         now = utcnow()
         session.connection().execute(
-            dialect_insert(session)(table).on_conflict_do_nothing(),
+            dialect_insert(session)(_DEVICE).on_conflict_do_nothing(),
             [{"id": device_id, "first_seen": now} for device_id in missing],
         )
-        locked.update({row.id: row for row in _select_for_update(session, missing)})
+        locked.update(_lock_ids(session, missing))
 
 
-def _select_for_update(session: Session, ids: list[str]) -> list[Device]:
-    query = select(Device).where(Device.id.in_(ids))  # type: ignore[attr-defined]
-    return list(session.exec(query.order_by(Device.id).with_for_update()))
+_DEVICE = Device.__table__  # type: ignore[attr-defined]
+
+
+def _lock_ids(session: Session, ids: list[str]) -> list[str]:
+    query = (
+        sa_select(_DEVICE.c.id).where(_DEVICE.c.id.in_(ids)).order_by(_DEVICE.c.id)
+        .with_for_update()
+    )
+    return list(session.connection().execute(query).scalars())
+
+
+def load_devices(session: Session, device_ids: set[str]) -> None:
+    """Bring the rows of these (already locked) devices into the session in one query."""
+    if device_ids:
+        list(session.exec(select(Device).where(Device.id.in_(sorted(device_ids)))))  # type: ignore[attr-defined]
 
 
 def _device_for_update(session: Session, device_id: str) -> Device:
     """The device's row, locked for this transaction (registered first if it is new)."""
-    if device_id not in session.info.get("locked_devices", {}):
+    if device_id not in session.info.get("locked_devices", set()):
         lock_devices(session, {device_id})
-    return session.info["locked_devices"][device_id]
+    device = session.get(Device, device_id)
+    assert device is not None  # locked (and so present) above
+    return device
 
 
 def apply_status(session: Session, message: StatusMessage, fresh: bool = True) -> bool:
@@ -96,17 +116,49 @@ def apply_reported(session: Session, message: ReportedState, fresh: bool = True)
     return True
 
 
-def apply_heartbeat(session: Session, message: HeartbeatTelemetry) -> bool:
-    device = _device_for_update(session, message.device_id)
-    device.last_seen = utcnow()
-    if message.seq <= device.heartbeat_seq:
-        return False
-    device.heartbeat_seq = message.seq
-    device.heartbeat = message.model_dump(
-        mode="json", exclude={"schema_version", "device_id", "seq", "kind"}
+def apply_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -> None:
+    """Every device of the batch: seen now; its latest heartbeat kept if newer than the
+    stored one. One UPDATE statement for the batch (executed for each device, in id order,
+    in one round trip), not one ORM object per device: at thousands of devices this was a
+    third of the ingest worker's time. The comparison with the stored ``heartbeat_seq`` is
+    in SQL, so the rows need not be read first."""
+    latest: dict[str, HeartbeatTelemetry] = {}
+    for message in messages:
+        if message.device_id not in latest or message.seq > latest[message.device_id].seq:
+            latest[message.device_id] = message
+    if not latest:
+        return
+    lock_devices(session, set(latest))
+    newer = _DEVICE.c.heartbeat_seq < bindparam("b_seq")
+    statement = (
+        update(_DEVICE)
+        .where(_DEVICE.c.id == bindparam("b_id"))
+        .values(
+            last_seen=bindparam("b_now"),
+            heartbeat_seq=case((newer, bindparam("b_seq")), else_=_DEVICE.c.heartbeat_seq),
+            heartbeat=case((newer, bindparam("b_heartbeat", type_=JSON)),
+                           else_=_DEVICE.c.heartbeat),
+            heartbeat_at=case((newer, bindparam("b_at")), else_=_DEVICE.c.heartbeat_at),
+        )
     )
-    device.heartbeat_at = message.sent_at
-    return True
+    now = utcnow()
+    session.connection().execute(statement, [
+        {
+            "b_id": device_id,
+            "b_now": now,
+            "b_seq": message.seq,
+            "b_heartbeat": message.model_dump(mode="json", exclude=_NOT_IN_HEARTBEAT),
+            "b_at": message.sent_at,
+        }
+        for device_id, message in sorted(latest.items())
+    ])
+    # Rows of these devices already in the session are now stale: reload on next access.
+    for row in list(session.identity_map.values()):
+        if isinstance(row, Device) and row.id in latest:
+            session.expire(row)
+
+
+_NOT_IN_HEARTBEAT = {"schema_version", "device_id", "seq", "kind"}
 
 
 def apply_event(session: Session, message: EventMessage) -> bool:

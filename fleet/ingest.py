@@ -243,19 +243,20 @@ class IngestWorker:
         events = [m for _, m in decoded if isinstance(m, EventMessage)]
         with Session(self.engine) as session:
             devices.lock_devices(session, {m.device_id for _, m in decoded})
+            # Status, reported, events and drift edit device rows field by field (rare
+            # messages); heartbeats, the bulk, update theirs in one statement.
+            devices.load_devices(
+                session, {m.device_id for _, m in decoded if not isinstance(m, HeartbeatTelemetry)}
+            )
             for inbound, message in decoded:
                 fresh = not inbound.retained
                 if isinstance(message, StatusMessage):
                     devices.apply_status(session, message, fresh)
                 elif isinstance(message, ReportedState):
                     devices.apply_reported(session, message, fresh)
+            session.flush()  # before the heartbeat UPDATE reads (and expires) those rows
             self.metrics.stored(telemetry.store_heartbeats(session, beats))
-            latest: dict[str, HeartbeatTelemetry] = {}
-            for beat in beats:
-                if beat.device_id not in latest or beat.seq > latest[beat.device_id].seq:
-                    latest[beat.device_id] = beat
-            for beat in latest.values():
-                devices.apply_heartbeat(session, beat)
+            devices.apply_heartbeats(session, beats)
             for event in events:
                 devices.apply_event(session, event)
             for device_id in {m.device_id for _, m in decoded if m.kind == "drift"}:
