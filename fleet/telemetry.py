@@ -3,7 +3,8 @@
 Rows are keyed by ``(device_id, seq)`` with a unique constraint, and written with
 ``INSERT ... ON CONFLICT DO NOTHING``: a QoS 1 redelivery, a replay after a worker restart
 or the same message reaching two workers never makes a second row. A batch of messages is
-one statement and one transaction.
+one transaction: on PostgreSQL a COPY and one INSERT (``fleet.pg_bulk``), on SQLite one
+executemany.
 """
 
 from __future__ import annotations
@@ -11,14 +12,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, text
+from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
 from agent.contract import HeartbeatTelemetry, utcnow
 from fleet.db import dialect_insert
 from fleet.models import Device, Heartbeat
+from fleet.pg_bulk import copy_insert_ignoring_duplicates
 
 __all__ = ["delete_older_than", "fleet_summary", "heartbeats", "store_heartbeats"]
+
+
+# Column order of the rows built below, with PostgreSQL types for the COPY staging table.
+_COLUMNS = {
+    "device_id": "text",
+    "seq": "bigint",
+    "sent_at": "timestamptz",
+    "received_at": "timestamptz",
+    "uptime_s": "float8",
+    "cpu_percent": "float8",
+    "rss_mb": "float8",
+    "inference_count": "bigint",
+    "error_count": "bigint",
+    "latency_ms_p50": "float8",
+    "latency_ms_p95": "float8",
+    "outbox_depth": "bigint",
+}
 
 
 def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -> int:
@@ -26,60 +45,25 @@ def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
     if not messages:
         return 0
     now = utcnow()
-    columns = {
-        "device_id": [m.device_id for m in messages],
-        "seq": [m.seq for m in messages],
-        "sent_at": [m.sent_at for m in messages],
-        "received_at": [now] * len(messages),
-        "uptime_s": [m.uptime_s for m in messages],
-        "cpu_percent": [m.cpu_percent for m in messages],
-        "rss_mb": [m.rss_mb for m in messages],
-        "inference_count": [m.inference_count for m in messages],
-        "error_count": [m.error_count for m in messages],
-        "latency_ms_p50": [m.latency_ms_p50 for m in messages],
-        "latency_ms_p95": [m.latency_ms_p95 for m in messages],
-        "outbox_depth": [m.outbox_depth for m in messages],
-    }
+    rows = [
+        (m.device_id, m.seq, m.sent_at, now, m.uptime_s, m.cpu_percent, m.rss_mb,
+         m.inference_count, m.error_count, m.latency_ms_p50, m.latency_ms_p95, m.outbox_depth)
+        for m in messages
+    ]
     if session.get_bind().dialect.name == "postgresql":
-        return _insert_unnest(session, columns)
-    names = list(columns)
-    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-    # One statement compiled once and cached (parameters passed separately: SQLAlchemy's
-    # "insertmanyvalues" batches them). RETURNING, not rowcount: SQLite's executemany
-    # rowcount does not count ignored conflicts the same way on every version.
+        return copy_insert_ignoring_duplicates(
+            session, "heartbeat", _COLUMNS, ("device_id", "seq"), rows
+        )
+    # SQLite: one statement compiled once and cached, parameters passed separately.
+    # RETURNING, not rowcount: SQLite's executemany rowcount does not count ignored
+    # conflicts the same way on every version.
     table = Heartbeat.__table__  # type: ignore[attr-defined]
     statement = dialect_insert(session)(table).on_conflict_do_nothing().returning(table.c.id)
-    result = session.connection().execute(statement, rows)
+    names = list(_COLUMNS)
+    result = session.connection().execute(
+        statement, [dict(zip(names, row, strict=True)) for row in rows]
+    )
     return len(result.all())
-
-
-# PostgreSQL: one short statement whose parameters are one array per column. The text of
-# the statement never changes, so the driver prepares it once; a multi-row VALUES list (or
-# SQLAlchemy's insertmanyvalues) makes the driver re-parse a statement the size of the
-# batch every time, and that parsing was half of the ingest worker's time.
-_PG_TYPES = {
-    "device_id": "text[]",
-    "seq": "bigint[]",
-    "sent_at": "timestamptz[]",
-    "received_at": "timestamptz[]",
-    "uptime_s": "float8[]",
-    "cpu_percent": "float8[]",
-    "rss_mb": "float8[]",
-    "inference_count": "bigint[]",
-    "error_count": "bigint[]",
-    "latency_ms_p50": "float8[]",
-    "latency_ms_p95": "float8[]",
-    "outbox_depth": "bigint[]",
-}
-_PG_UNNEST_INSERT = text(
-    f"INSERT INTO heartbeat ({', '.join(_PG_TYPES)}) "
-    f"SELECT * FROM unnest({', '.join(f'CAST(:{n} AS {t})' for n, t in _PG_TYPES.items())}) "
-    "ON CONFLICT (device_id, seq) DO NOTHING"
-)
-
-
-def _insert_unnest(session: Session, columns: dict[str, list]) -> int:
-    return session.connection().execute(_PG_UNNEST_INSERT, columns).rowcount
 
 
 def heartbeats(
