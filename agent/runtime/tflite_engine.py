@@ -25,6 +25,7 @@ Quantized tensors are exchanged raw: a uint8/int8 input takes the integers the m
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -34,8 +35,11 @@ from typing import Any
 import numpy as np
 
 from agent.runtime.engine import Engine, EngineError, TensorSpec, translate_errors
+from agent.runtime.native_log import native_stderr_to_log
 
 __all__ = ["TfliteEngine"]
+
+log = logging.getLogger(__name__)
 
 _INSTALL_HINT = "install edgefleet[tflite] (ai-edge-litert) or tflite-runtime"
 
@@ -105,7 +109,7 @@ class TfliteEngine(Engine):
         if not self.path.is_file():
             raise EngineError(f"cannot load TFLite model {self.path}: no such file")
         interpreter_class = _interpreter_class()
-        with _translate_errors(f"cannot load TFLite model {self.path}"):
+        with _translate_errors(f"cannot load TFLite model {self.path}"), native_stderr_to_log(log):
             interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads)
             interpreter.allocate_tensors()
             input_details = interpreter.get_input_details()
