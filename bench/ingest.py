@@ -1,24 +1,28 @@
 """Benchmark: fleet ingest throughput against a bare MQTT subscriber, 1 vs 2 workers, RSS.
 
 Simulated devices publish heartbeats (QoS 1) as fast as they can into a real mosquitto.
+1000 devices by default, so that a batch of 500 messages holds 500 different devices, as
+it would in a fleet (each device updates its own row), and splitting the stream between
+two workers does not make their batches cheaper than one worker's.
 In the same run, on the same stream:
 
 * a bare paho subscriber (shared subscription, counting only) gives the receive rate;
 * one ``edge-fleet serve`` worker with PostgreSQL stores the stream: ``ingest_vs_bare`` is
   its stored rate over the bare receive rate (goal >= 0.8);
-* ``worker_rss_mb`` / ``worker_rss_mb_long``: one worker process's peak RSS after a
-  backlog and a stream, then after a further stream 10x longer (goal: flat);
+* ``worker_rss_mb`` / ``worker_rss_mb_long``: the worker's peak RSS after a stream and a
+  backlog, then after a further stream 10x longer (goal: flat);
 * capacity, 1 vs 2 workers: a live stream from one Python publisher is capped by that
   publisher (both 1 and 2 workers keep up with it, so their ratio says nothing), so the
-  workers are also measured draining a backlog the broker held for their sessions while
-  they were stopped: ``drain_msgs_per_s`` (1 worker), ``drain_msgs_per_s_two`` and
+  workers are also measured draining a backlog the broker held for them while they were
+  frozen: ``drain_msgs_per_s`` (1 worker), ``drain_msgs_per_s_two`` and
   ``two_workers_vs_one`` (goal >= 1.6 where the cores allow; on 2 cores the broker,
   PostgreSQL and the workers share them). ``two_workers_vs_one_live`` is the live ratio.
 
 Live rates run from the first publish to the last message received or stored; drain rates
-from the first stored batch to the last. Last line: one JSON object.
+from the first stored batch to the last. Each rate is the median of ``--repeat`` runs (3).
+Last line: one JSON object.
 
-    python bench/ingest.py                          # 100 devices, 20 000 messages
+    python bench/ingest.py                          # 1000 devices, 20 000 messages
     python bench/ingest.py --messages 2000 --no-long  # quick
 """
 
@@ -27,15 +31,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# seq bases, one range per run, so no run's rows count for another's.
+SEQ_STEP = 10**8
+DRAIN = 2 * 10**9
+LONG = 3 * 10**9
 
 PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -185,13 +196,18 @@ class Workers:
         return messages / max(last.timestamp() - started, 1e-3)
 
     def drain(self, devices: int, messages: int, first_seq: int) -> float:
-        """Capacity: the workers are stopped while the stream is published, so the broker
-        holds it for their sessions; then they start and store it as fast as they can. The
-        rate runs from the first stored batch to the last (the rows' ``received_at``), so
-        process start-up does not count."""
-        self.stop()
-        _python("--publish", self.url, str(devices), str(messages), str(first_seq)).wait()
-        self.start()
+        """Capacity: the workers are frozen (SIGSTOP) while the stream is published, so the
+        broker holds it for them; then all are resumed at once (SIGCONT) and store it as fast
+        as they can. The rate runs from the first stored batch to the last (the rows'
+        ``received_at``). Freezing rather than restarting keeps process start-up, and one
+        worker starting before the other, out of the figure."""
+        for process in self.processes:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            _python("--publish", self.url, str(devices), str(messages), str(first_seq)).wait()
+        finally:
+            for process in self.processes:
+                process.send_signal(signal.SIGCONT)
         first, last = self._wait_for(messages, first_seq)
         return messages / max((last - first).total_seconds(), 1e-3)
 
@@ -227,9 +243,11 @@ class Workers:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--no-long", action="store_true", help="skip the 10x longer run")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per rate; the median is reported (the VM is noisy)")
     parser.add_argument("--publish", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--subscribe", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,34 +262,36 @@ def main() -> None:
     from fleet.local_broker import LocalBroker
 
     figures: dict[str, float] = {}
+    repeat = args.repeat
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
         work = Path(tmp)
         with LocalBroker(work / "broker") as broker:
-            bare = run_bare(broker.url, args.devices, args.messages, work)
+            bare = median(run_bare(broker.url, args.devices, args.messages, work)
+                          for _ in range(repeat))
             print(f"bare subscriber:  {bare:9.0f} msgs/s")
 
             one = Workers(broker.url, 1, work / "one")
             try:
-                rate_one = one.run(args.devices, args.messages, 1)
+                rate_one = median(one.run(args.devices, args.messages, 1 + i * SEQ_STEP)
+                                  for i in range(repeat))
                 print(f"1 worker stored:  {rate_one:9.0f} msgs/s (live)")
-                # Drained on the same table size as the two workers below (after one live run).
-                drain_one = one.drain(args.devices, args.messages, 2 * 10**9)
+                drain_one = median(one.drain(args.devices, args.messages, DRAIN + i * SEQ_STEP)
+                                   for i in range(repeat))
                 print(f"1 worker drained: {drain_one:9.0f} msgs/s (backlog)")
-                # RSS of the restarted process: after the backlog and one stream, then after
-                # a stream 10x longer.
-                one.run(args.devices, args.messages, 3 * 10**9)
                 figures["worker_rss_mb"] = round(one.peak_rss_mb(), 1)
                 if not args.no_long:
-                    one.run(args.devices, args.messages * 10, 4 * 10**9)
+                    one.run(args.devices, args.messages * 10, LONG)
                     figures["worker_rss_mb_long"] = round(one.peak_rss_mb(), 1)
             finally:
                 one.close()
 
             two = Workers(broker.url, 2, work / "two")
             try:
-                rate_two = two.run(args.devices, args.messages, 1)
+                rate_two = median(two.run(args.devices, args.messages, 1 + i * SEQ_STEP)
+                                  for i in range(repeat))
                 print(f"2 workers stored: {rate_two:9.0f} msgs/s (live)")
-                drain_two = two.drain(args.devices, args.messages, 2 * 10**9)
+                drain_two = median(two.drain(args.devices, args.messages, DRAIN + i * SEQ_STEP)
+                                   for i in range(repeat))
                 print(f"2 workers drained:{drain_two:9.0f} msgs/s (backlog)")
             finally:
                 two.close()
