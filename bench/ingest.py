@@ -17,6 +17,9 @@ In the same run, on the same stream:
   frozen: ``drain_msgs_per_s`` (1 worker), ``drain_msgs_per_s_two`` and
   ``two_workers_vs_one`` (goal >= 1.6 where the cores allow; on 2 cores the broker,
   PostgreSQL and the workers share them). ``two_workers_vs_one_live`` is the live ratio.
+  What the cores allow is printed beside it: the CPU time per message of the worker,
+  PostgreSQL and the broker during the one-worker drain (``*_cpu_us_per_msg``), and the
+  ratio those costs cap two workers at on this machine (``two_workers_vs_one_cpu_bound``).
 
 Live rates run from the first publish to the last message received or stored; drain rates
 from the first stored batch to the last. Each rate is the median of ``--repeat`` runs (3).
@@ -132,14 +135,42 @@ def run_bare(url: str, devices: int, messages: int, work: Path) -> float:
     return result["count"] / (result["last"] - started)
 
 
+def _cpu_seconds(pids: list[int | None]) -> float:
+    """User + system CPU time of these processes so far (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, TypeError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_pids() -> list[int | None]:
+    """Every PostgreSQL server process on this machine (the benchmark's database is the
+    only busy one while it runs)."""
+    pids: list[int | None] = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("postgres", "postmaster"):
+                pids.append(int(comm.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
 class Workers:
     """``count`` edge-fleet serve processes on one fresh PostgreSQL database. Each has a
     stable worker id, so its broker session (and its share of a backlog) survives a stop."""
 
-    def __init__(self, url: str, count: int, work: Path) -> None:
+    def __init__(self, url: str, count: int, work: Path, broker_pid: int | None) -> None:
         import psycopg
 
         self.url = url
+        self.broker_pid = broker_pid
+        self.drain_cpu_us_per_msg: dict[str, float] = {}
         self.count = count
         self.work = work
         self.admin = psycopg.connect(PG_ADMIN, autocommit=True)
@@ -206,9 +237,16 @@ class Workers:
         try:
             _python("--publish", self.url, str(devices), str(messages), str(first_seq)).wait()
         finally:
+            groups = {"worker": [p.pid for p in self.processes], "postgres": _postgres_pids(),
+                      "broker": [self.broker_pid]}
+            before = {name: _cpu_seconds(pids) for name, pids in groups.items()}
             for process in self.processes:
                 process.send_signal(signal.SIGCONT)
         first, last = self._wait_for(messages, first_seq)
+        self.drain_cpu_us_per_msg = {
+            name: round((_cpu_seconds(pids) - before[name]) / messages * 1e6, 1)
+            for name, pids in groups.items()
+        }
         return messages / max((last - first).total_seconds(), 1e-3)
 
     def _wait_for(self, messages: int, first_seq: int) -> tuple:
@@ -270,7 +308,7 @@ def main() -> None:
                           for _ in range(repeat))
             print(f"bare subscriber:  {bare:9.0f} msgs/s")
 
-            one = Workers(broker.url, 1, work / "one")
+            one = Workers(broker.url, 1, work / "one", broker.pid)
             try:
                 rate_one = median(one.run(args.devices, args.messages, 1 + i * SEQ_STEP)
                                   for i in range(repeat))
@@ -278,6 +316,14 @@ def main() -> None:
                 drain_one = median(one.drain(args.devices, args.messages, DRAIN + i * SEQ_STEP)
                                    for i in range(repeat))
                 print(f"1 worker drained: {drain_one:9.0f} msgs/s (backlog)")
+                cpu = one.drain_cpu_us_per_msg  # of the last drain
+                print("  CPU per message: " + ", ".join(f"{k} {v} us" for k, v in cpu.items()))
+                figures.update({f"{name}_cpu_us_per_msg": value for name, value in cpu.items()})
+                # What the cores allow: every message costs the worker's, PostgreSQL's and the
+                # broker's CPU; with all cores busy that caps the rate, whatever the workers.
+                ceiling = (os.cpu_count() or 1) * 1e6 / sum(cpu.values())
+                figures["two_workers_vs_one_cpu_bound"] = round(
+                    min(ceiling, 2 * drain_one) / drain_one, 3)
                 figures["worker_rss_mb"] = round(one.peak_rss_mb(), 1)
                 if not args.no_long:
                     one.run(args.devices, args.messages * 10, LONG)
@@ -285,7 +331,7 @@ def main() -> None:
             finally:
                 one.close()
 
-            two = Workers(broker.url, 2, work / "two")
+            two = Workers(broker.url, 2, work / "two", broker.pid)
             try:
                 rate_two = median(two.run(args.devices, args.messages, 1 + i * SEQ_STEP)
                                   for i in range(repeat))

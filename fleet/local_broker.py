@@ -80,6 +80,13 @@ class LocalBroker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The mosquitto process while it runs (benchmarks account its CPU time)."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
     def url_for(self, user: str) -> str:
         """The broker URL with ``user``'s credentials (the account is created if needed)."""
         if user not in self.passwords:
