@@ -339,6 +339,9 @@ def main() -> None:
                 drain_two = median(two.drain(args.devices, args.messages, DRAIN + i * SEQ_STEP)
                                    for i in range(repeat))
                 print(f"2 workers drained:{drain_two:9.0f} msgs/s (backlog)")
+                cpu_two = two.drain_cpu_us_per_msg
+                print("  CPU per message: " + ", ".join(f"{k} {v} us" for k, v in cpu_two.items()))
+                figures["two_workers_cpu_us_per_msg"] = round(sum(cpu_two.values()), 1)
             finally:
                 two.close()
     figures.update({
