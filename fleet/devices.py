@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import JSON, bindparam, case, update
+from sqlalchemy import JSON, bindparam, case, event, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
 from agent.contract import (
@@ -49,10 +50,10 @@ def lock_devices(session: Session, device_ids: set[str]) -> None:
     statements, instead of two per message. Sorted ids: concurrent workers cannot deadlock.
     Only ids are read: the few devices whose rows the batch edits field by field are loaded
     with :func:`load_devices`."""
-    if not device_ids:
-        return
-    ordered = sorted(device_ids)
     locked: set[str] = session.info.setdefault("locked_devices", set())
+    ordered = sorted(device_ids - locked)  # held until the transaction ends: not again
+    if not ordered:
+        return
     locked.update(_lock_ids(session, ordered))
     missing = [device_id for device_id in ordered if device_id not in locked]
     if missing:
@@ -65,6 +66,13 @@ def lock_devices(session: Session, device_ids: set[str]) -> None:
 
 
 _DEVICE = Device.__table__  # type: ignore[attr-defined]
+
+
+@event.listens_for(OrmSession, "after_transaction_end")
+def _forget_locks(session: OrmSession, transaction) -> None:
+    """Row locks end with the outermost transaction; so does the record of them."""
+    if transaction.parent is None:
+        session.info.pop("locked_devices", None)
 
 
 def _lock_ids(session: Session, ids: list[str]) -> list[str]:

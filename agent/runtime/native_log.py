@@ -17,20 +17,33 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 __all__ = ["native_stderr_to_log"]
 
 
+# fd 2 is one per process: two threads swapping it at once would restore each other's
+# temporary file, and stderr would stay lost. Loads are rare; they take turns.
+_swap_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def native_stderr_to_log(log: logging.Logger) -> Iterator[None]:
-    with contextlib.suppress(AttributeError, ValueError):
-        sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 at all (a detached process): nothing to filter
-        yield
-        return
+    with _swap_lock:
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a detached process): nothing to filter
+            yield
+            return
+        with _captured(saved, log):
+            yield
+
+
+@contextlib.contextmanager
+def _captured(saved: int, log: logging.Logger) -> Iterator[None]:
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:

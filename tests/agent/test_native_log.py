@@ -32,3 +32,30 @@ def test_stderr_is_restored_when_the_call_raises(capfd):
         pass
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "WARNING: half-way\nafter\n"
+
+
+def test_concurrent_loads_take_turns_and_stderr_survives(capfd):
+    import threading
+    import time
+
+    log = logging.getLogger("test.native")
+    start = threading.Barrier(4)
+
+    def load(name: str) -> None:
+        start.wait()
+        for _ in range(20):
+            with native_stderr_to_log(log):
+                time.sleep(0.002)  # a load takes a while: the windows would overlap
+                os.write(2, f"WARNING: {name}\n".encode())
+
+    threads = [threading.Thread(target=load, args=(f"t{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    os.write(2, b"after\n")
+
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[-1] == "after"
+    assert sorted(set(lines[:-1])) == [f"WARNING: t{i}" for i in range(4)]
+    assert len(lines) == 4 * 20 + 1

@@ -50,3 +50,20 @@ def test_newest_heartbeat_wins_and_every_device_is_seen(database_url):
             assert "device_id" not in cam2.heartbeat and "seq" not in cam2.heartbeat
     finally:
         engine.dispose()
+
+
+def test_a_session_reused_after_commit_locks_and_registers_again(database_url):
+    engine = make_engine(database_url)
+    init_db(engine)
+    try:
+        with Session(engine) as session:
+            devices.apply_heartbeats(session, [beat("cam-1", 1, 10.0)])
+            assert session.info["locked_devices"] == {"cam-1"}
+            session.commit()
+            assert "locked_devices" not in session.info  # the locks ended with the commit
+            devices.apply_heartbeats(session, [beat("cam-1", 2, 20.0)])
+            assert session.info["locked_devices"] == {"cam-1"}
+            session.commit()
+            assert devices.get_device(session, "cam-1").heartbeat_seq == 2
+    finally:
+        engine.dispose()
