@@ -7,6 +7,7 @@ tolerance is refused before it ever serves a request.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from agent.errors import HealthCheckError
 from agent.runtime import Engine, EngineError, load_engine
 
 __all__ = ["EXPECTED_PREFIX", "INPUT_PREFIX", "load_samples", "open_checked_engine"]
+
+log = logging.getLogger(__name__)
 
 INPUT_PREFIX = "input:"
 EXPECTED_PREFIX = "expected:"
@@ -58,6 +61,10 @@ def _check(engine: Engine, manifest: BundleManifest, slot: Path) -> None:
 
 def open_checked_engine(slot: Path, manifest: BundleManifest, **options) -> Engine:
     """Load the slot's model and run its health check; the caller owns the engine."""
+    # Said before the native runtime takes over: if it crashes the process, this is the
+    # last line in the log and names the model.
+    log.info("loading %s v%d (%s) from %s", manifest.name, manifest.version,
+             manifest.model_file, slot)
     try:
         engine = load_engine(slot / manifest.model_file, **options)
     except EngineError as exc:

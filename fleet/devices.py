@@ -29,7 +29,7 @@ from agent.contract import (
 )
 from fleet.db import dialect_insert
 from fleet.models import Device, DeviceEvent
-from fleet.pg_bulk import staged
+from fleet.pg_bulk import raw_cursor, staged
 
 __all__ = [
     "apply_event",
@@ -47,7 +47,10 @@ __all__ = [
 
 def lock_devices(session: Session, device_ids: set[str]) -> None:
     """Row-lock (and register, if new) every device of an ingest batch in one or two
-    statements, instead of two per message. Sorted ids: concurrent workers cannot deadlock.
+    statements, instead of two per message. Existing devices are locked in id order, so
+    workers do not deadlock over them; a device being registered is locked after them,
+    out of order, so while new devices arrive two workers can deadlock: PostgreSQL detects
+    it within a second and aborts one transaction, and the ingest retries that batch.
     Only ids are read: the few devices whose rows the batch edits field by field are loaded
     with :func:`load_devices`."""
     locked: set[str] = session.info.setdefault("locked_devices", set())
@@ -79,14 +82,11 @@ def _lock_ids(session: Session, ids: list[str]) -> list[str]:
     if session.get_bind().dialect.name == "postgresql":
         # One array parameter: the statement text is the same whatever the batch, so it is
         # prepared once (an IN list of N parameters is a new statement for every N).
-        cursor = session.connection().connection.dbapi_connection.cursor()
-        try:
+        with raw_cursor(session) as cursor:
             cursor.execute(
                 "SELECT id FROM device WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
             )
             return [row[0] for row in cursor.fetchall()]
-        finally:
-            cursor.close()
     query = (
         sa_select(_DEVICE.c.id).where(_DEVICE.c.id.in_(ids)).order_by(_DEVICE.c.id)
         .with_for_update()
@@ -150,14 +150,15 @@ def apply_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
     if not latest:
         return
     lock_devices(session, set(latest))
+    session.flush()  # pending ORM edits of these rows go first: the rows are expired below
     now = utcnow()
     if session.get_bind().dialect.name == "postgresql":
         _update_heartbeats_postgresql(session, latest, now)
     else:
         _update_heartbeats(session, latest, now)
     # Rows of these devices already in the session are now stale: reload on next access.
-    for row in list(session.identity_map.values()):
-        if isinstance(row, Device) and row.id in latest:
+    for key, row in list(session.identity_map.items()):
+        if isinstance(row, Device) and key[1][0] in latest:
             session.expire(row)
 
 
@@ -200,11 +201,14 @@ def _update_heartbeats(
         update(_DEVICE)
         .where(_DEVICE.c.id == bindparam("b_id"))
         .values(
-            last_seen=bindparam("b_now"),
+            last_seen=bindparam("b_now", type_=_DEVICE.c.last_seen.type),
             heartbeat_seq=case((newer, bindparam("b_seq")), else_=_DEVICE.c.heartbeat_seq),
             heartbeat=case((newer, bindparam("b_heartbeat", type_=JSON)),
                            else_=_DEVICE.c.heartbeat),
-            heartbeat_at=case((newer, bindparam("b_at")), else_=_DEVICE.c.heartbeat_at),
+            heartbeat_at=case(
+                (newer, bindparam("b_at", type_=_DEVICE.c.heartbeat_at.type)),
+                else_=_DEVICE.c.heartbeat_at,
+            ),
         )
     )
     session.connection().execute(statement, [

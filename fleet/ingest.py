@@ -98,8 +98,10 @@ class IngestMetrics:
 
     def snapshot(self) -> dict:
         with self._lock:
-            self._prune(int(time.monotonic()))
-            recent = sum(count for _, count in self._per_second)
+            now = int(time.monotonic())
+            self._prune(now)
+            # The last RATE_WINDOW_S whole seconds; the current one is still filling up.
+            recent = sum(count for second, count in self._per_second if second < now)
             return {
                 "accepted": dict(self.accepted),
                 "rejected": dict(self.rejected),
@@ -111,7 +113,7 @@ class IngestMetrics:
             }
 
     def _prune(self, second: int) -> None:
-        while self._per_second and second - self._per_second[0][0] >= RATE_WINDOW_S:
+        while self._per_second and second - self._per_second[0][0] > RATE_WINDOW_S:
             self._per_second.popleft()
 
 
@@ -223,8 +225,8 @@ class IngestWorker:
             try:
                 self._store(decoded)
                 break
-            except OperationalError as exc:  # database away: keep the batch, retry
-                log.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+            except OperationalError as exc:  # server away, deadlock, lock timeout: retry
+                log.warning("batch not stored (%s); retrying in %.1fs", exc.orig, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         else:
@@ -254,11 +256,11 @@ class IngestWorker:
                     devices.apply_status(session, message, fresh)
                 elif isinstance(message, ReportedState):
                     devices.apply_reported(session, message, fresh)
-            session.flush()  # before the heartbeat UPDATE reads (and expires) those rows
-            self.metrics.stored(telemetry.store_heartbeats(session, beats))
+            stored = telemetry.store_heartbeats(session, beats)
             devices.apply_heartbeats(session, beats)
             for event in events:
                 devices.apply_event(session, event)
             for device_id in {m.device_id for _, m in decoded if m.kind == "drift"}:
                 devices.touch(session, device_id)  # drift is stored by the drift feature
             session.commit()
+        self.metrics.stored(stored)  # after the commit: a retried batch is counted once

@@ -22,9 +22,29 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-__all__ = ["copy_insert_ignoring_duplicates", "staged"]
+__all__ = ["copy_insert_ignoring_duplicates", "raw_cursor", "staged"]
+
+
+@contextlib.contextmanager
+def raw_cursor(session: Session) -> Iterator[Any]:
+    """A driver cursor on the session's connection, inside its transaction. Driver errors
+    leave as SQLAlchemy's (``OperationalError`` for a lost server, a deadlock or a lock
+    timeout), so callers handle them exactly as errors from ORM statements: the ingest
+    retries its batch on ``OperationalError``."""
+    dbapi_connection = session.connection().connection.dbapi_connection
+    dialect = session.get_bind().dialect
+    cursor = dbapi_connection.cursor()
+    try:
+        yield cursor
+    except dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(
+            None, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+        ) from exc
+    finally:
+        cursor.close()
 
 
 @contextlib.contextmanager
@@ -37,8 +57,7 @@ def staged(
     must read it as ``WITH staged AS (DELETE FROM <stage> RETURNING ...)``."""
     names = ", ".join(columns)
     types = ", ".join(f"{name} {pg_type}" for name, pg_type in columns.items())
-    cursor = session.connection().connection.dbapi_connection.cursor()
-    try:
+    with raw_cursor(session) as cursor:
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({types}) ON COMMIT DELETE ROWS"
         )
@@ -46,8 +65,6 @@ def staged(
             for row in rows:
                 copy.write_row(row)
         yield cursor
-    finally:
-        cursor.close()
 
 
 def copy_insert_ignoring_duplicates(

@@ -7,7 +7,9 @@ daemon's log got an unformatted line per model load. :func:`native_stderr_to_log
 fd 2 at a temporary file around such a native call, then logs the ``INFO:`` lines at debug
 level and writes everything else back to the real stderr: nothing is lost, warnings and
 errors still show. Anything another thread writes to stderr in that window (milliseconds)
-is written back too, after the call.
+is written back too, after the call. Known gap: if the native call kills the process
+(a segfault), what it wrote in the window dies with the temporary file; the agent's own
+"loading" log line, written before, still says which model it was.
 """
 
 from __future__ import annotations
@@ -34,27 +36,28 @@ def native_stderr_to_log(log: logging.Logger) -> Iterator[None]:
         with contextlib.suppress(AttributeError, ValueError):
             sys.stderr.flush()
         try:
-            saved = os.dup(2)
-        except OSError:  # no fd 2 at all (a detached process): nothing to filter
+            capture = tempfile.TemporaryFile()  # noqa: SIM115 (entered just below)
+        except OSError:  # no writable temporary directory: leave stderr alone
             yield
             return
-        with _captured(saved, log):
-            yield
-
-
-@contextlib.contextmanager
-def _captured(saved: int, log: logging.Logger) -> Iterator[None]:
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(AttributeError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            _replay(capture.read().decode("utf-8", errors="replace"), log)
+        with capture:
+            try:
+                saved = os.dup(2)
+            except OSError:  # no fd 2 at all (a detached process): nothing to filter
+                yield
+                return
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(AttributeError, ValueError):
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                # Never let writing the capture back hide the call's own exception.
+                with contextlib.suppress(OSError):
+                    capture.seek(0)
+                    _replay(capture.read().decode("utf-8", errors="replace"), log)
 
 
 def _replay(text: str, log: logging.Logger) -> None:

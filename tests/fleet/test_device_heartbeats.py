@@ -67,3 +67,24 @@ def test_a_session_reused_after_commit_locks_and_registers_again(database_url):
             assert devices.get_device(session, "cam-1").heartbeat_seq == 2
     finally:
         engine.dispose()
+
+
+def test_a_lock_conflict_on_the_driver_path_is_an_operational_error(postgres_url):
+    """What the ingest retries: a lock it cannot get (here a lock timeout; a deadlock is
+    the same class) surfaces as SQLAlchemy's OperationalError, not as a raw driver error."""
+    import pytest
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    engine = make_engine(postgres_url)
+    init_db(engine)
+    try:
+        with Session(engine) as holder, Session(engine) as waiter:
+            devices.lock_devices(holder, {"cam-1"})
+            holder.commit()
+            devices.lock_devices(holder, {"cam-1"})  # held until holder's transaction ends
+            waiter.execute(text("SET LOCAL lock_timeout = '200ms'"))
+            with pytest.raises(OperationalError, match="lock timeout"):
+                devices.lock_devices(waiter, {"cam-1"})
+    finally:
+        engine.dispose()
