@@ -243,7 +243,9 @@ class Workers:
             before = {name: _cpu_seconds(pids) for name, pids in groups.items()}
             for process in self.processes:
                 process.send_signal(signal.SIGCONT)
+            resumed = time.time()
         first, last = self._wait_for(messages, first_seq)
+        done = time.time()
         # ``received_at`` is when a batch started to be stored: the span from the first
         # batch's start to the last one's covers every batch but the last, so its rows are
         # left out of the count too (otherwise the rate would be overstated by one batch).
@@ -254,7 +256,9 @@ class Workers:
             name: round((_cpu_seconds(pids) - before[name]) / messages * 1e6, 1)
             for name, pids in groups.items()
         }
-        return (messages - in_last_batch) / max((last - first).total_seconds(), 1e-3)
+        if in_last_batch >= messages:  # all in one batch (a tiny run): only the poll's time
+            return messages / (done - resumed)
+        return (messages - in_last_batch) / (last - first).total_seconds()
 
     def _wait_for(self, messages: int, first_seq: int) -> tuple:
         """Until the run's rows are all stored; their first and last ``received_at``. The
