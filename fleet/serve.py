@@ -111,6 +111,7 @@ def serve(
         BrokerAddress.parse(broker_url),
         engine,
         queue_max=settings.ingest_queue_max,
+        batch_wait_s=settings.ingest_batch_wait_s,
         worker_id=settings.worker_id or f"{socket.gethostname()}-{settings.port}",
     )
     ingest.start()
