@@ -218,6 +218,18 @@ class Workers:
             process.wait(30)
         self.processes = []
 
+    def rates(self, devices: int, messages: int, repeat: int) -> tuple[float, float]:
+        """Median live rate and median drain rate over ``repeat`` runs each, printed."""
+        label = f"{self.count} worker{'s' if self.count > 1 else ''}"
+        live = median(self.run(devices, messages, 1 + i * SEQ_STEP) for i in range(repeat))
+        print(f"{label} stored:  {live:9.0f} msgs/s (live)")
+        drain = median(self.drain(devices, messages, DRAIN + i * SEQ_STEP)
+                       for i in range(repeat))
+        print(f"{label} drained: {drain:9.0f} msgs/s (backlog)")
+        print("  CPU per message: "
+              + ", ".join(f"{k} {v} us" for k, v in self.drain_cpu_us_per_msg.items()))
+        return live, drain
+
     def run(self, devices: int, messages: int, first_seq: int) -> float:
         """Live: the rate from the first publish to the last row stored."""
         started = time.time()
@@ -321,14 +333,8 @@ def main() -> None:
 
             one = Workers(broker.url, 1, work / "one", broker.pid)
             try:
-                rate_one = median(one.run(args.devices, args.messages, 1 + i * SEQ_STEP)
-                                  for i in range(repeat))
-                print(f"1 worker stored:  {rate_one:9.0f} msgs/s (live)")
-                drain_one = median(one.drain(args.devices, args.messages, DRAIN + i * SEQ_STEP)
-                                   for i in range(repeat))
-                print(f"1 worker drained: {drain_one:9.0f} msgs/s (backlog)")
+                rate_one, drain_one = one.rates(args.devices, args.messages, repeat)
                 cpu = one.drain_cpu_us_per_msg  # of the last drain
-                print("  CPU per message: " + ", ".join(f"{k} {v} us" for k, v in cpu.items()))
                 figures.update({f"{name}_cpu_us_per_msg": value for name, value in cpu.items()})
                 # What the cores allow: every message costs the worker's, PostgreSQL's and the
                 # broker's CPU; with all cores busy that caps the rate, whatever the workers.
@@ -344,15 +350,9 @@ def main() -> None:
 
             two = Workers(broker.url, 2, work / "two", broker.pid)
             try:
-                rate_two = median(two.run(args.devices, args.messages, 1 + i * SEQ_STEP)
-                                  for i in range(repeat))
-                print(f"2 workers stored: {rate_two:9.0f} msgs/s (live)")
-                drain_two = median(two.drain(args.devices, args.messages, DRAIN + i * SEQ_STEP)
-                                   for i in range(repeat))
-                print(f"2 workers drained:{drain_two:9.0f} msgs/s (backlog)")
-                cpu_two = two.drain_cpu_us_per_msg
-                print("  CPU per message: " + ", ".join(f"{k} {v} us" for k, v in cpu_two.items()))
-                figures["two_workers_cpu_us_per_msg"] = round(sum(cpu_two.values()), 1)
+                rate_two, drain_two = two.rates(args.devices, args.messages, repeat)
+                figures["two_workers_cpu_us_per_msg"] = round(
+                    sum(two.drain_cpu_us_per_msg.values()), 1)
             finally:
                 two.close()
     figures.update({
