@@ -14,7 +14,7 @@ from sqlmodel import Session, SQLModel, create_engine
 
 from fleet import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
-__all__ = ["dialect_insert", "init_db", "make_engine"]
+__all__ = ["dialect_insert", "init_db", "is_postgresql", "make_engine"]
 
 
 def make_engine(url: str) -> Engine:
@@ -35,9 +35,14 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+def is_postgresql(session: Session) -> bool:
+    """Whether the bulk paths (COPY, arrays, UPDATE ... FROM) apply; else SQLite."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def dialect_insert(session: Session):
     """The dialect's INSERT, which has ON CONFLICT DO NOTHING on both databases."""
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         return postgresql_insert
     return sqlite_insert
 

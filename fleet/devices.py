@@ -27,7 +27,7 @@ from agent.contract import (
     StatusMessage,
     utcnow,
 )
-from fleet.db import dialect_insert
+from fleet.db import dialect_insert, is_postgresql
 from fleet.models import Device, DeviceEvent
 from fleet.pg_bulk import raw_cursor, staged
 
@@ -79,7 +79,7 @@ def _forget_locks(session: OrmSession, transaction) -> None:
 
 
 def _lock_ids(session: Session, ids: list[str]) -> list[str]:
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         # One array parameter: the statement text is the same whatever the batch, so it is
         # prepared once (an IN list of N parameters is a new statement for every N).
         with raw_cursor(session) as cursor:
@@ -152,7 +152,7 @@ def apply_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
     lock_devices(session, set(latest))
     session.flush()  # pending ORM edits of these rows go first: the rows are expired below
     now = utcnow()
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         _update_heartbeats_postgresql(session, latest, now)
     else:
         _update_heartbeats(session, latest, now)

@@ -16,7 +16,7 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
 from agent.contract import HeartbeatTelemetry, utcnow
-from fleet.db import dialect_insert
+from fleet.db import dialect_insert, is_postgresql
 from fleet.models import Device, Heartbeat
 from fleet.pg_bulk import copy_insert_ignoring_duplicates
 
@@ -50,7 +50,7 @@ def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
          m.inference_count, m.error_count, m.latency_ms_p50, m.latency_ms_p95, m.outbox_depth)
         for m in messages
     ]
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         return copy_insert_ignoring_duplicates(
             session, "heartbeat", _COLUMNS, ("device_id", "seq"), rows
         )

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from agent.contract import HeartbeatTelemetry, StatusMessage, utcnow
@@ -72,10 +75,6 @@ def test_a_session_reused_after_commit_locks_and_registers_again(database_url):
 def test_a_lock_conflict_on_the_driver_path_is_an_operational_error(postgres_url):
     """What the ingest retries: a lock it cannot get (here a lock timeout; a deadlock is
     the same class) surfaces as SQLAlchemy's OperationalError, not as a raw driver error."""
-    import pytest
-    from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
-
     engine = make_engine(postgres_url)
     init_db(engine)
     try:
