@@ -18,16 +18,20 @@ here; these checks are the second wall, against a signed-but-malicious or buggy 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tarfile
 from pathlib import Path
 from typing import IO
 
-from pydantic import ValidationError
-
-from agent.contract import MANIFEST_NAME, MAX_BUNDLE_FILES, BundleManifest
+from agent.contract import (
+    MANIFEST_NAME,
+    MAX_BUNDLE_FILES,
+    BundleManifest,
+    MessageRejected,
+    decode,
+    to_json,
+)
 from agent.errors import (
     BundleTooLargeError,
     LengthOrHashMismatchError,
@@ -60,8 +64,8 @@ def fsync_dir(path: Path) -> None:
 
 def _parse_manifest(data: bytes) -> BundleManifest:
     try:
-        manifest = BundleManifest.model_validate(json.loads(data))
-    except (ValueError, ValidationError) as exc:
+        manifest = decode(BundleManifest, data)
+    except MessageRejected as exc:
         raise ManifestError(f"manifest.json is not a valid bundle manifest: {exc}") from exc
     referenced = [manifest.model_file]
     if manifest.health_check is not None:
@@ -116,7 +120,7 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> BundleManifest:
             manifest = _extract_members(tar, dest, max_bytes)
     except tarfile.TarError as exc:
         raise UnsafeArchiveError(f"not a valid bundle archive: {exc}") from exc
-    (dest / MANIFEST_NAME).write_text(manifest.model_dump_json())
+    (dest / MANIFEST_NAME).write_bytes(to_json(manifest))
     (dest / COMPLETE_MARKER).write_text(manifest.target_name)
     for name in (MANIFEST_NAME, COMPLETE_MARKER):
         with open(dest / name, "rb") as written:

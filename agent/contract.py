@@ -16,6 +16,12 @@ Status messages are ordered by ``connection`` (the seq the agent reserved for th
 of that connection), not by arrival: within one connection a device only goes
 online -> offline, and a newer connection always wins. That keeps a late Last Will from an
 old connection from marking a reconnected device offline.
+
+The models are msgspec Structs, not pydantic models: the same declarative types and
+constraints, validated while the JSON is parsed, at about a tenth of pydantic's memory on
+the device (pydantic took ~10 MB of the agent's ~80 MB idle footprint) and several times
+faster on the fleet's ingest path. Construction in code does not validate; every boundary
+does (:func:`decode`, :func:`convert`, :func:`encode`, :func:`validated`).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+import msgspec
+from msgspec import Meta
 
 __all__ = [
     "DEVICE_CHANNELS",
@@ -55,13 +63,18 @@ __all__ = [
     "SignedDesiredState",
     "StatusMessage",
     "TensorSchema",
+    "convert",
+    "decode",
     "decode_desired",
     "decode_device_message",
     "encode",
     "is_valid_device_id",
     "parse_topic",
+    "to_data",
+    "to_json",
     "topic",
     "utcnow",
+    "validated",
 ]
 
 SCHEMA_VERSION = 1
@@ -75,13 +88,18 @@ MAX_EVENT_DETAIL_KEYS = 32
 
 # MQTT-safe: no '/', '+', '#', no leading '$', no whitespace; also a safe file name.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
-ShortText = Annotated[str, StringConstraints(max_length=256)]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
+ShortText = Annotated[str, Meta(max_length=256)]
+# Finite: JSON has no NaN, and a number like 1e999 (infinity) fails the upper bound.
+NonNegative = Annotated[float, Meta(ge=0, le=1.7976931348623157e308)]
 # Versions fit a 32-bit signed INTEGER column; generations, seqs and counters a BIGINT.
-Version = Annotated[int, Field(ge=0, lt=2**31)]
-Int64 = Annotated[int, Field(ge=0, lt=2**63)]
-Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Version = Annotated[int, Meta(ge=0, lt=2**31)]
+Int64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Count = Annotated[int, Meta(ge=0)]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+BundleName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+# Timestamps carry their zone: a naive time from a device is ambiguous, so it is refused.
+Timestamp = Annotated[datetime, Meta(tz=True)]
 
 
 class Channel(StrEnum):
@@ -137,34 +155,35 @@ def parse_topic(name: str) -> tuple[str, Channel]:
         raise MessageRejected("unknown_topic", f"unknown channel {channel!r}") from None
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Immutable, unknown fields refused. Structs are plain data: constraints are checked
+    where bytes cross a boundary (:func:`decode`, :func:`encode`, :func:`validated`)."""
 
 
-class DeviceMessage(_Strict):
+class DeviceMessage(_Strict, kw_only=True):
     """Fields every device -> fleet message carries."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     device_id: DeviceId
-    seq: Annotated[int, Field(ge=0, lt=2**63)]
-    sent_at: datetime
+    seq: Int64
+    sent_at: Timestamp
 
 
-class StatusMessage(DeviceMessage):
+class StatusMessage(DeviceMessage, kw_only=True):
     kind: Literal["status"] = "status"
     state: Literal["online", "offline"]
-    connection: Annotated[int, Field(ge=0, lt=2**63)]
+    connection: Int64
 
 
-class ActiveModel(_Strict):
+class ActiveModel(_Strict, kw_only=True):
     name: ShortText
     version: Version
 
 
-class BundleRef(_Strict):
+class BundleRef(_Strict, kw_only=True):
     """Which bundle a device should run."""
 
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+    name: BundleName
     version: Version
 
     @property
@@ -172,15 +191,15 @@ class BundleRef(_Strict):
         return f"{self.name}-{self.version}.bundle"
 
 
-class PlatformInfo(_Strict):
+class PlatformInfo(_Strict, kw_only=True):
     system: ShortText
     release: ShortText
     machine: ShortText
     python: ShortText
-    runtimes: Annotated[dict[ShortText, ShortText], Field(max_length=16)] = {}
+    runtimes: Annotated[dict[ShortText, ShortText], Meta(max_length=16)] = {}
 
 
-class ReportedState(DeviceMessage):
+class ReportedState(DeviceMessage, kw_only=True):
     kind: Literal["reported"] = "reported"
     agent_version: ShortText
     active_model: ActiveModel | None = None
@@ -189,7 +208,7 @@ class ReportedState(DeviceMessage):
     desired_bundle: BundleRef | None = None
 
 
-class HeartbeatTelemetry(DeviceMessage):
+class HeartbeatTelemetry(DeviceMessage, kw_only=True):
     kind: Literal["heartbeat"] = "heartbeat"
     uptime_s: NonNegative
     cpu_percent: NonNegative
@@ -200,47 +219,47 @@ class HeartbeatTelemetry(DeviceMessage):
     latency_ms_p95: NonNegative | None = None
     # The durable outbox: messages waiting for the broker, and drops by priority so far.
     outbox_depth: Int64 | None = None
-    outbox_dropped: Annotated[dict[ShortText, Int64], Field(max_length=8)] | None = None
+    outbox_dropped: Annotated[dict[ShortText, Int64], Meta(max_length=8)] | None = None
 
 
-class EventMessage(DeviceMessage):
+class EventMessage(DeviceMessage, kw_only=True):
     kind: Literal["event"] = "event"
-    event: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
-    detail: Annotated[dict[ShortText, Any], Field(max_length=MAX_EVENT_DETAIL_KEYS)] = {}
+    event: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    detail: Annotated[dict[ShortText, Any], Meta(max_length=MAX_EVENT_DETAIL_KEYS)] = {}
 
 
-class FeatureHistogram(_Strict):
+class FeatureHistogram(_Strict, kw_only=True):
     feature: ShortText
-    counts: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_HISTOGRAM_BINS)]
+    counts: Annotated[list[Count], Meta(max_length=MAX_HISTOGRAM_BINS)]
 
 
-class DriftMessage(DeviceMessage):
+class DriftMessage(DeviceMessage, kw_only=True):
     kind: Literal["drift"] = "drift"
     model: ActiveModel
-    features: Annotated[list[FeatureHistogram], Field(max_length=MAX_DRIFT_FEATURES)]
+    features: Annotated[list[FeatureHistogram], Meta(max_length=MAX_DRIFT_FEATURES)]
 
 
-class DesiredState(_Strict):
+class DesiredState(_Strict, kw_only=True):
     """Fleet -> device: what the device should run. ``generation`` only grows per device."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     device_id: DeviceId
-    generation: Annotated[int, Field(ge=1, lt=2**63)]
+    generation: Annotated[int, Meta(ge=1, le=2**63 - 1)]
     bundle: BundleRef | None
-    issued_at: datetime
+    issued_at: Timestamp
 
 
-class SignatureEntry(_Strict):
+class SignatureEntry(_Strict, kw_only=True):
     keyid: Sha256Hex
-    sig: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,1024}$")]
+    sig: Annotated[str, Meta(pattern=r"^[0-9a-f]{2,1024}$")]
 
 
-class SignedDesiredState(_Strict):
+class SignedDesiredState(_Strict, kw_only=True):
     """What travels on ``desired``: the state plus director signatures over the canonical
     JSON of ``signed`` exactly as received (see ``agent.trust.desired``)."""
 
     signed: DesiredState
-    signatures: Annotated[list[SignatureEntry], Field(min_length=1, max_length=8)]
+    signatures: Annotated[list[SignatureEntry], Meta(min_length=1, max_length=8)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,56 +270,61 @@ MANIFEST_NAME = "manifest.json"
 MAX_BUNDLE_FILES = 16
 MAX_TENSORS = 64
 MAX_FEATURES = 4096
-BundleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 # A bundle member is a plain file name: no directories, no '..', nothing absolute.
-MemberName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+MemberName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 
 
-class TensorSchema(_Strict):
+class TensorSchema(_Strict, kw_only=True):
     name: ShortText
-    dtype: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{2,16}$")]
-    shape: Annotated[list[Annotated[int, Field(ge=0)] | None], Field(max_length=8)]
+    dtype: Annotated[str, Meta(pattern=r"^[a-z0-9]{2,16}$")]
+    shape: Annotated[list[Count | None], Meta(max_length=8)]
     allow_nan: bool = False  # inputs: requests with NaN are refused unless this is set
 
 
-class FileEntry(_Strict):
+class FileEntry(_Strict, kw_only=True):
     sha256: Sha256Hex
-    size: Annotated[int, Field(ge=0)]
+    size: Count
 
 
-class HealthCheckSpec(_Strict):
+class HealthCheckSpec(_Strict, kw_only=True):
     """Samples with the outputs the model gave at build time; the device must reproduce them."""
 
     file: MemberName
-    rtol: Annotated[float, Field(ge=0, le=1)] = 1e-4
-    atol: Annotated[float, Field(ge=0, le=1)] = 1e-5
+    rtol: Annotated[float, Meta(ge=0, le=1)] = 1e-4
+    atol: Annotated[float, Meta(ge=0, le=1)] = 1e-5
 
 
-class BaselineHistogram(_Strict):
+class BaselineHistogram(_Strict, kw_only=True):
     """Training distribution of one feature: ``len(edges) == len(counts) + 1``."""
 
     feature: ShortText
-    edges: Annotated[list[float], Field(min_length=2, max_length=MAX_HISTOGRAM_BINS + 1)]
-    counts: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_HISTOGRAM_BINS)]
+    edges: Annotated[list[float], Meta(min_length=2, max_length=MAX_HISTOGRAM_BINS + 1)]
+    counts: Annotated[list[Count], Meta(max_length=MAX_HISTOGRAM_BINS)]
+
+    def __post_init__(self) -> None:
+        if len(self.edges) != len(self.counts) + 1:
+            raise ValueError(
+                f"{len(self.edges)} edges for {len(self.counts)} counts (needs counts + 1)"
+            )
 
 
-class Baseline(_Strict):
-    rows: Annotated[int, Field(ge=0)]
-    features: Annotated[list[BaselineHistogram], Field(max_length=MAX_FEATURES)]
+class Baseline(_Strict, kw_only=True):
+    rows: Count
+    features: Annotated[list[BaselineHistogram], Meta(max_length=MAX_FEATURES)]
 
 
-class BundleManifest(_Strict):
+class BundleManifest(_Strict, kw_only=True):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: BundleName
     version: Version
     runtime: Literal["onnx", "tflite"]
     model_file: MemberName
-    inputs: Annotated[list[TensorSchema], Field(min_length=1, max_length=MAX_TENSORS)]
-    outputs: Annotated[list[TensorSchema], Field(min_length=1, max_length=MAX_TENSORS)]
-    files: Annotated[dict[MemberName, FileEntry], Field(min_length=1, max_length=MAX_BUNDLE_FILES)]
+    inputs: Annotated[list[TensorSchema], Meta(min_length=1, max_length=MAX_TENSORS)]
+    outputs: Annotated[list[TensorSchema], Meta(min_length=1, max_length=MAX_TENSORS)]
+    files: Annotated[dict[MemberName, FileEntry], Meta(min_length=1, max_length=MAX_BUNDLE_FILES)]
     health_check: HealthCheckSpec | None = None
     baseline_file: MemberName | None = None
-    created: datetime
+    created: Timestamp
 
     @property
     def ref(self) -> BundleRef:
@@ -321,22 +345,87 @@ _MODEL_FOR_CHANNEL: dict[Channel, type[DeviceMessage]] = {
 }
 
 DeviceMessageT = StatusMessage | ReportedState | HeartbeatTelemetry | EventMessage | DriftMessage
+StructT = TypeVar("StructT", bound=msgspec.Struct)
 
 
-def encode(message: BaseModel) -> bytes:
-    data = message.model_dump_json().encode()
+@cache
+def _decoder(kind: type[StructT]) -> msgspec.json.Decoder[StructT]:
+    return msgspec.json.Decoder(kind)
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _oversized(size: int) -> MessageRejected:
+    return MessageRejected(
+        "oversized", f"{size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound"
+    )
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """``Expected `int` >= 0 - at `$.seq``` -> ``field 'seq': Expected `int` >= 0``."""
+    text, _, path = str(exc).partition(" - at `")
+    where = path.rstrip("`").removeprefix("$").lstrip(".")  # e.g. features[3].counts[0]
+    unknown = re.match(r"Object contains unknown field `(.+)`$", text)
+    if unknown:  # name the offending key itself, under its parent
+        where = f"{where}.{unknown[1]}" if where else unknown[1]
+    return f"field {where or 'message'!r}: {text}"
+
+
+def decode(kind: type[StructT], payload: bytes | str) -> StructT:
+    """Parse and validate JSON as ``kind`` in one pass, or raise MessageRejected."""
+    try:
+        return _decoder(kind).decode(payload)
+    except msgspec.ValidationError as exc:
+        # Validation runs while parsing, so broken JSON that starts with the wrong type
+        # ("[1, 2") reports a type error first; name the real problem.
+        # The stdlib parser, not msgspec's: it reads 1e999 as infinity, which is valid
+        # JSON for a field that must be finite, so the field gets named.
+        try:
+            json.loads(payload)
+        except (ValueError, RecursionError) as syntax:
+            raise MessageRejected("malformed_json", str(syntax)) from None
+        raise MessageRejected("invalid", _describe(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise MessageRejected("malformed_json", str(exc)) from None
+
+
+def convert(kind: type[StructT], data: Any) -> StructT:
+    """Validate already-parsed JSON data (dicts, lists, strings) as ``kind``."""
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise MessageRejected("invalid", _describe(exc)) from None
+
+
+def validated(message: StructT) -> StructT:
+    """Check a struct built in code against its constraints (construction does not)."""
+    return convert(type(message), msgspec.to_builtins(message))
+
+
+def to_data(message: msgspec.Struct) -> dict[str, Any]:
+    """The message as JSON-ready dicts and lists (timestamps as RFC 3339 strings)."""
+    return msgspec.to_builtins(message)
+
+
+def to_json(message: msgspec.Struct, indent: int = 0) -> bytes:
+    """JSON bytes of any struct, unbounded (files such as manifests, not MQTT messages)."""
+    data = _ENCODER.encode(message)
+    return msgspec.json.format(data, indent=indent) if indent else data
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """JSON bytes of a valid message; refuses to produce one the other side would refuse."""
+    data = _ENCODER.encode(message)
     if len(data) > MAX_MESSAGE_BYTES:
-        raise MessageRejected(
-            "oversized", f"{len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound"
-        )
+        raise _oversized(len(data))
+    decode(type(message), data)
     return data
 
 
 def _load_json(payload: bytes) -> Any:
     if len(payload) > MAX_MESSAGE_BYTES:
-        raise MessageRejected(
-            "oversized", f"{len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound"
-        )
+        raise _oversized(len(payload))
     try:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -345,28 +434,14 @@ def _load_json(payload: bytes) -> Any:
         raise MessageRejected("malformed_json", "JSON nested too deeply") from None
 
 
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "message"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"field {where!r}: {first['msg']}{more}"
-
-
 def decode_device_message(topic_name: str, payload: bytes) -> DeviceMessageT:
     """Validate a device -> fleet message against its topic, or raise MessageRejected."""
     device_id, channel = parse_topic(topic_name)
     if channel not in _MODEL_FOR_CHANNEL:
         raise MessageRejected("wrong_direction", f"devices do not publish on {channel.value!r}")
     if len(payload) > MAX_MESSAGE_BYTES:
-        raise MessageRejected(
-            "oversized", f"{len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte bound"
-        )
-    try:  # pydantic parses the JSON itself: one pass, no intermediate dicts (the hot path)
-        message = _MODEL_FOR_CHANNEL[channel].model_validate_json(payload)
-    except ValidationError as exc:
-        if exc.errors()[0]["type"] == "json_invalid":
-            raise MessageRejected("malformed_json", exc.errors()[0]["msg"]) from None
-        raise MessageRejected("invalid", _describe(exc)) from None
+        raise _oversized(len(payload))
+    message = decode(_MODEL_FOR_CHANNEL[channel], payload)  # the hot path: one pass
     if message.device_id != device_id:
         raise MessageRejected(
             "wrong_device",
@@ -384,10 +459,7 @@ def decode_desired(device_id: str, payload: bytes) -> tuple[SignedDesiredState, 
     data = _load_json(payload)
     if isinstance(data, dict) and "signatures" not in data and "generation" in data:
         raise MessageRejected("unsigned", "desired state carries no signatures")
-    try:
-        envelope = SignedDesiredState.model_validate(data)
-    except ValidationError as exc:
-        raise MessageRejected("invalid", _describe(exc)) from None
+    envelope = convert(SignedDesiredState, data)
     if envelope.signed.device_id != device_id:
         raise MessageRejected(
             "wrong_device",

@@ -38,6 +38,7 @@ from agent.contract import (
     StatusMessage,
     decode_desired,
     encode,
+    to_data,
     topic,
     utcnow,
 )
@@ -291,7 +292,7 @@ class AgentDaemon:
             log.warning("refused desired state: %s", exc)
             self._event("desired_rejected", reason=exc.reason, detail=str(exc))
             return
-        bundle = desired.bundle.model_dump() if desired.bundle else None
+        bundle = to_data(desired.bundle) if desired.bundle else None
         log.info("accepted desired generation %d: bundle %s", desired.generation, bundle)
         self._event("desired_received", generation=desired.generation, bundle=bundle)
         self._retry_delay = self.config.retry_initial_s
@@ -396,7 +397,7 @@ class AgentDaemon:
         self._event(
             "started",
             agent_version=__version__,
-            model=current.manifest.ref.model_dump() if current else None,
+            model=to_data(current.manifest.ref) if current else None,
         )
         self._worker.start()
         self.drainer.start()

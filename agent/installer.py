@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.bundle import extract_bundle, verify_slot
-from agent.contract import BundleManifest, BundleRef
+from agent.contract import BundleManifest, BundleRef, to_data
 from agent.errors import InstallError, ManifestError, UpdateError
 from agent.faults import crash_point
 from agent.health import open_checked_engine
@@ -106,7 +106,7 @@ class Installer:
         """Make ``ref`` the active model; return it, or None (and emit failed) on failure."""
         if current is not None and current.manifest.ref == ref:
             return current
-        detail: dict[str, Any] = {"bundle": ref.model_dump()}
+        detail: dict[str, Any] = {"bundle": to_data(ref)}
         engine = None
         try:
             staged, manifest = self._stage_from_inactive(ref) or self._stage_from_fleet(
@@ -135,7 +135,7 @@ class Installer:
             raise InstallError("no previous model to roll back to")
         loaded = self._load_slot(other)
         self.slots.activate(other)
-        self.emit("rolled_back", slot=other, bundle=loaded.manifest.ref.model_dump())
+        self.emit("rolled_back", slot=other, bundle=to_data(loaded.manifest.ref))
         return loaded
 
     def _manifest(self, slot: str, ref: BundleRef) -> BundleManifest:

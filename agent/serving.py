@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.contract import to_data
 from agent.installer import LoadedModel
 from agent.runtime.engine import InputData
 from agent.stats import InferenceStats
@@ -96,8 +97,8 @@ class ModelHost:
             "version": manifest.version,
             "runtime": manifest.runtime,
             "slot": model.slot,
-            "inputs": [spec.model_dump() for spec in manifest.inputs],
-            "outputs": [spec.model_dump() for spec in manifest.outputs],
+            "inputs": [to_data(spec) for spec in manifest.inputs],
+            "outputs": [to_data(spec) for spec in manifest.outputs],
         }
 
     def close(self) -> None:

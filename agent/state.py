@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.contract import DesiredState
+from agent.contract import DesiredState, decode, to_json
 
 __all__ = ["SEQ_BLOCK", "AgentState"]
 
@@ -111,7 +111,7 @@ class AgentState:
     def desired(self) -> DesiredState | None:
         with self._lock:
             raw = self._get("desired")
-        return None if raw is None else DesiredState.model_validate_json(raw)
+        return None if raw is None else decode(DesiredState, raw)
 
     def accept_desired(self, desired: DesiredState) -> bool:
         """Store ``desired`` if it is newer than the accepted one; False if it is not."""
@@ -119,11 +119,11 @@ class AgentState:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 raw = self._get("desired")
-                current = None if raw is None else DesiredState.model_validate_json(raw)
+                current = None if raw is None else decode(DesiredState, raw)
                 if current is not None and desired.generation <= current.generation:
                     self._db.execute("ROLLBACK")
                     return False
-                self._put("desired", desired.model_dump_json())
+                self._put("desired", to_json(desired).decode())
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:

@@ -55,17 +55,17 @@ def _write_random(path: Path, size: int) -> str:
 
 def make_bundle(work: Path, megabytes: int) -> Path:
     """A bundle whose model is ``megabytes`` of random bytes (unpacked, never loaded)."""
-    from agent.contract import BundleManifest, FileEntry, TensorSchema, utcnow
+    from agent.contract import BundleManifest, FileEntry, TensorSchema, to_json, utcnow
 
     model = work / f"model-{megabytes}.bin"
     sha = _write_random(model, megabytes * 1024 * 1024)
-    manifest = BundleManifest(
+    manifest = to_json(BundleManifest(
         name=f"big{megabytes}", version=1, runtime="onnx", model_file="model.onnx",
         inputs=[TensorSchema(name="x", dtype="float32", shape=[None, 4])],
         outputs=[TensorSchema(name="y", dtype="float32", shape=[None, 1])],
         files={"model.onnx": FileEntry(sha256=sha, size=model.stat().st_size)},
         created=utcnow(),
-    ).model_dump_json().encode()
+    ))
     path = work / f"big{megabytes}-1.bundle"
     with tarfile.open(path, "w:") as tar:
         info = tarfile.TarInfo("manifest.json")

@@ -24,8 +24,11 @@ from agent.contract import (
     BundleManifest,
     FileEntry,
     HealthCheckSpec,
+    MessageRejected,
     TensorSchema,
+    to_json,
     utcnow,
+    validated,
 )
 from agent.health import EXPECTED_PREFIX, INPUT_PREFIX
 from agent.runtime import Engine, TensorSpec, load_engine
@@ -88,7 +91,10 @@ def compute_baseline(rows: np.ndarray, spec: TensorSpec, bins: int = DEFAULT_BIN
                 counts=[int(c) for c in counts],
             )
         )
-    return Baseline(rows=int(rows.shape[0]), features=histograms)
+    try:
+        return validated(Baseline(rows=int(rows.shape[0]), features=histograms))
+    except MessageRejected as exc:
+        raise BuildError(f"baseline: {exc.detail}") from None
 
 
 def _load_array(path: Path, what: str) -> np.ndarray:
@@ -164,7 +170,7 @@ def build_bundle(
     )
     members: dict[str, bytes] = {model_file: model_bytes, "samples.npz": samples_buffer.getvalue()}
     if baseline_doc is not None:
-        members["baseline.json"] = baseline_doc.model_dump_json().encode()
+        members["baseline.json"] = to_json(baseline_doc)
 
     manifest = BundleManifest(
         name=name,
@@ -181,9 +187,13 @@ def build_bundle(
         baseline_file="baseline.json" if baseline_doc is not None else None,
         created=utcnow(),
     )
+    try:
+        manifest = validated(manifest)
+    except MessageRejected as exc:
+        raise BuildError(f"bundle manifest: {exc.detail}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / manifest.target_name
-    write_archive(path, {MANIFEST_NAME: manifest.model_dump_json(indent=2).encode(), **members})
+    write_archive(path, {MANIFEST_NAME: to_json(manifest, indent=2), **members})
     data = path.read_bytes()
     return BuiltBundle(path, manifest, hashlib.sha256(data).hexdigest(), len(data))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+import msgspec
 from sqlalchemy import JSON, bindparam, case, event, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import Session as OrmSession
@@ -25,6 +26,7 @@ from agent.contract import (
     HeartbeatTelemetry,
     ReportedState,
     StatusMessage,
+    to_data,
     utcnow,
 )
 from fleet.db import dialect_insert, is_postgresql
@@ -132,7 +134,7 @@ def apply_reported(session: Session, message: ReportedState, fresh: bool = True)
     device.agent_version = message.agent_version
     device.active_model_name = message.active_model.name if message.active_model else None
     device.active_model_version = message.active_model.version if message.active_model else None
-    device.platform = message.platform.model_dump()
+    device.platform = to_data(message.platform)
     device.desired_generation = message.desired_generation
     return True
 
@@ -163,6 +165,11 @@ def apply_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
 
 
 _NOT_IN_HEARTBEAT = {"schema_version", "device_id", "seq", "kind"}
+
+
+def _heartbeat_document(message: HeartbeatTelemetry) -> dict:
+    """What ``device.heartbeat`` keeps: the figures, not the envelope."""
+    return {k: v for k, v in to_data(message).items() if k not in _NOT_IN_HEARTBEAT}
 _HEARTBEAT_STAGE_COLUMNS = {
     "device_id": "text",
     "seq": "bigint",
@@ -185,7 +192,7 @@ def _update_heartbeats_postgresql(
     session: Session, latest: dict[str, HeartbeatTelemetry], now: datetime
 ) -> None:
     rows = (
-        (device_id, m.seq, m.model_dump_json(exclude=_NOT_IN_HEARTBEAT), m.sent_at)
+        (device_id, m.seq, msgspec.json.encode(_heartbeat_document(m)).decode(), m.sent_at)
         for device_id, m in latest.items()
     )
     with staged(session, "device_heartbeat_stage", _HEARTBEAT_STAGE_COLUMNS, rows) as cursor:
@@ -216,7 +223,7 @@ def _update_heartbeats(
             "b_id": device_id,
             "b_now": now,
             "b_seq": message.seq,
-            "b_heartbeat": message.model_dump(mode="json", exclude=_NOT_IN_HEARTBEAT),
+            "b_heartbeat": _heartbeat_document(message),
             "b_at": message.sent_at,
         }
         for device_id, message in sorted(latest.items())

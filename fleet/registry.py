@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlmodel import Session, select
 
 from agent.bundle import MAX_MANIFEST_BYTES
-from agent.contract import BundleManifest
+from agent.contract import BundleManifest, convert, to_data
 from fleet.bundle_build import BuildError, manifest_json
 from fleet.models import Bundle
 from fleet.trust.repository import FleetRepository
@@ -29,8 +29,8 @@ def publish_bundle(session: Session, repository: FleetRepository, path: Path) ->
     if path.stat().st_size < 512:
         raise BuildError(f"{path}: too small to be a bundle")
     try:
-        manifest = BundleManifest.model_validate(manifest_json(path, MAX_MANIFEST_BYTES))
-    except ValueError as exc:
+        manifest = convert(BundleManifest, manifest_json(path, MAX_MANIFEST_BYTES))
+    except ValueError as exc:  # MessageRejected, or BuildError from reading the archive
         raise BuildError(f"{path}: not a valid bundle: {exc}") from exc
     existing = find_bundle(session, manifest.name, manifest.version)
     digest = hashlib.sha256()
@@ -52,7 +52,7 @@ def publish_bundle(session: Session, repository: FleetRepository, path: Path) ->
         sha256=target.hashes["sha256"],
         size=target.length,
         runtime=manifest.runtime,
-        manifest=manifest.model_dump(mode="json"),
+        manifest=to_data(manifest),
     )
     session.add(row)
     session.commit()

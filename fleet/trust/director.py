@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from securesystemslib.signer import Signer
 
-from agent.contract import DesiredState, SignatureEntry, SignedDesiredState, encode
+from agent.contract import DesiredState, SignatureEntry, SignedDesiredState, encode, to_data
 from agent.trust.desired import canonical_bytes
 
 __all__ = ["sign_desired"]
 
 
 def sign_desired(desired: DesiredState, signer: Signer) -> bytes:
-    signed = desired.model_dump(mode="json")
+    signed = to_data(desired)
     signature = signer.sign(canonical_bytes(signed))
     envelope = SignedDesiredState(
         signed=desired, signatures=[SignatureEntry(keyid=signature.keyid, sig=signature.signature)]

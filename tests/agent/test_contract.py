@@ -8,20 +8,25 @@ import pytest
 
 from agent.contract import (
     MAX_MESSAGE_BYTES,
+    BaselineHistogram,
     Channel,
     DesiredState,
     EventMessage,
     HeartbeatTelemetry,
     MessageRejected,
+    ReportedState,
     SignatureEntry,
     SignedDesiredState,
     StatusMessage,
+    convert,
+    decode,
     decode_desired,
     decode_device_message,
     encode,
     parse_topic,
     topic,
     utcnow,
+    validated,
 )
 
 
@@ -66,7 +71,7 @@ def test_encoding_refuses_to_produce_an_oversized_message():
         encode(event)
 
 
-@pytest.mark.parametrize("payload", [b"{", b"\xff\xfe", b"[1, 2"])
+@pytest.mark.parametrize("payload", [b"{", b"\xff\xfe", b"[1, 2", b"{\"seq\": 1,"])
 def test_malformed_json_is_refused(payload):
     with pytest.raises(MessageRejected) as caught:
         decode_device_message(topic("dev-1", "status"), payload)
@@ -106,13 +111,66 @@ def test_devices_cannot_publish_desired_state():
     assert caught.value.reason == "wrong_direction"
 
 
+def _heartbeat(device_id: str = "dev-1", **overrides) -> HeartbeatTelemetry:
+    fields = dict(device_id=device_id, seq=1, sent_at=utcnow(), uptime_s=0, cpu_percent=0,
+                  rss_mb=0, inference_count=0, error_count=0)
+    return HeartbeatTelemetry(**{**fields, **overrides})
+
+
 @pytest.mark.parametrize("device_id", ["", "a/b", "+", "#", "$SYS", "a b", "x" * 65])
-def test_unsafe_device_ids_are_invalid(device_id):
-    with pytest.raises(ValueError):
-        HeartbeatTelemetry(
-            device_id=device_id, seq=1, sent_at=utcnow(), uptime_s=0, cpu_percent=0,
-            rss_mb=0, inference_count=0, error_count=0,
-        )
+def test_unsafe_device_ids_are_refused_on_both_sides(device_id):
+    with pytest.raises(MessageRejected) as sending:  # the agent will not send it
+        encode(_heartbeat(device_id))
+    assert sending.value.reason == "invalid" and "'device_id'" in sending.value.detail
+    raw = json.dumps({**json.loads(encode(_heartbeat())), "device_id": device_id}).encode()
+    with pytest.raises(MessageRejected) as receiving:  # nor the fleet accept it
+        decode(HeartbeatTelemetry, raw)
+    assert receiving.value.reason == "invalid" and "'device_id'" in receiving.value.detail
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("rss_mb", 1e999, "'rss_mb'"),  # infinity: JSON cannot say it, a big number can
+        ("cpu_percent", -1, "'cpu_percent'"),
+        ("seq", 2**63, "'seq'"),  # does not fit the BIGINT column
+        ("sent_at", "2026-11-23T10:00:00", "'sent_at'"),  # no zone: ambiguous
+        ("inference_count", True, "'inference_count'"),  # a bool is not a count
+        ("outbox_dropped", {"k": -1}, "'outbox_dropped[...]'"),
+    ],
+)
+def test_out_of_range_values_are_refused_by_field(field, value, named):
+    data = json.loads(encode(_heartbeat()))
+    data[field] = value
+    payload = json.dumps(data).encode().replace(b"Infinity", b"1e999")
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("dev-1", "telemetry"), payload)
+    assert caught.value.reason == "invalid"
+    assert named in caught.value.detail
+
+
+def test_unknown_nested_field_is_named_with_its_parent():
+    platform = {"system": "Linux", "release": "6", "machine": "x", "python": "3.11"}
+    reported = {"device_id": "dev-1", "seq": 1, "sent_at": "2026-11-23T10:00:00Z",
+                "agent_version": "1", "platform": platform}
+    assert convert(ReportedState, reported).platform.machine == "x"
+    with pytest.raises(MessageRejected, match=r"'platform\.extra'"):
+        convert(ReportedState, {**reported, "platform": {**platform, "extra": 1}})
+
+
+def test_baseline_histogram_needs_one_more_edge_than_counts():
+    good = {"feature": "x[0]", "edges": [0.0, 1.0, 2.0], "counts": [3, 4]}
+    assert convert(BaselineHistogram, good).counts == [3, 4]
+    with pytest.raises(MessageRejected, match="3 edges for 3 counts"):
+        convert(BaselineHistogram, {**good, "counts": [1, 2, 3]})
+
+
+def test_structs_built_in_code_are_checked_by_validated():
+    message = _heartbeat(rss_mb=12)
+    checked = validated(message)
+    assert checked == message and isinstance(checked.rss_mb, float)
+    with pytest.raises(MessageRejected, match="'seq'"):
+        validated(_heartbeat(seq=-5))
 
 
 def _signed(desired: DesiredState) -> bytes:

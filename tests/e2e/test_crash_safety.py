@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from agent.bundle import verify_slot
+from agent.contract import to_data
 from agent.faults import CRASH_POINTS
 from agent.slots import Slots
 from tests.fixtures.broker import FLEET_ACCOUNT
@@ -49,7 +50,7 @@ def test_agent_killed_during_an_install_comes_back_serving_a_verified_model(
         active = slots.active()
         assert active is not None and slots.is_complete(active)
         # Every crash point comes before the atomic rename, so the old model is current.
-        assert verify_slot(slots.path(active)).ref.model_dump() == V1
+        assert to_data(verify_slot(slots.path(active)).ref) == V1
 
         log_start = len(crashing.log())
         restarted = agents.start("dev", mosquitto)

@@ -22,6 +22,11 @@ def _heartbeat(device_id: str, seq: int, **overrides) -> HeartbeatTelemetry:
     return HeartbeatTelemetry(**{**fields, **overrides})
 
 
+def _replace_once(payload: bytes, old: bytes, new: bytes) -> bytes:
+    assert payload.count(old) == 1, f"{old!r} not in {payload!r}"  # or the case tests nothing
+    return payload.replace(old, new)
+
+
 def _rejected(fleet_server) -> dict:
     return fleet_server.get("/api/v1/metrics").json()["ingest"]["rejected"]
 
@@ -39,10 +44,15 @@ BAD_MESSAGES = {
         topic("dev-a", "drift"), encode(_heartbeat("dev-a", 1)), "invalid"
     ),
     "nested_too_deep": (topic("dev-a", "telemetry"), b"[" * 60_000, "malformed_json"),
-    "infinite_number": (
+    "infinite_number": (  # valid JSON, but not a finite float
         topic("dev-a", "telemetry"),
-        encode(_heartbeat("dev-a", 1)).replace(b'"uptime_s":1.0', b'"uptime_s":Infinity'),
+        _replace_once(encode(_heartbeat("dev-a", 1)), b'"uptime_s":1.0', b'"uptime_s":1e999'),
         "invalid",
+    ),
+    "infinity_literal": (  # not JSON at all
+        topic("dev-a", "telemetry"),
+        _replace_once(encode(_heartbeat("dev-a", 1)), b'"uptime_s":1.0', b'"uptime_s":Infinity'),
+        "malformed_json",
     ),
     "version_over_int32": (
         topic("dev-a", "reported"),
