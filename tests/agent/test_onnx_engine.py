@@ -16,6 +16,7 @@ from agent.runtime import (
     OnnxEngine,
     TensorSpec,
     load_engine,
+    prepare_inputs,
 )
 from tests.fixtures.models import MlpModelFile, ModelFile, mlp_reference
 
@@ -151,6 +152,30 @@ def test_ragged_list_is_refused(mlp: OnnxEngine):
     message = _input_error(mlp, [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]])
 
     assert message.startswith("input 'x': expected shape (batch, 4), given nested lists")
+
+
+def test_nan_is_refused_where_the_schema_forbids_it(mlp: OnnxEngine):
+    batch = np.ones((8, 4), np.float32)
+    batch[5, 2] = np.nan
+    assert np.isnan(mlp.infer(batch)["y"]).any()  # allowed by default: garbage out
+    mlp.refuse_nan(["x"])
+    assert "1 NaN value(s) given" in _input_error(mlp, batch)  # the fast path (float32)
+    assert "1 NaN value(s) given" in _input_error(mlp, batch.astype(np.float64))  # converted
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_nan_check_is_exact_for_infinities_and_overflow(dtype: str):
+    """The check sums squares; +inf and -inf together, or squares past the dtype's max,
+    must not read as NaN, and one NaN among them must."""
+    spec = TensorSpec("x", dtype, (None, 4), allow_nan=False)
+    big = np.finfo(dtype).max
+    extremes = np.array([[np.inf, -np.inf, big, -big]] * 3, dtype)
+    assert prepare_inputs([spec], extremes)["x"] is extremes  # accepted as it is
+    extremes[1, 3] = np.nan
+    with pytest.raises(InputError, match="1 NaN value"):
+        prepare_inputs([spec], extremes)
+    empty = np.zeros((0, 4), dtype)
+    assert prepare_inputs([spec], empty)["x"].shape == (0, 4)
 
 
 def test_input_error_is_a_value_error_and_an_engine_error():
