@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,12 +171,25 @@ def test_nan_check_is_exact_for_infinities_and_overflow(dtype: str):
     spec = TensorSpec("x", dtype, (None, 4), allow_nan=False)
     big = np.finfo(dtype).max
     extremes = np.array([[np.inf, -np.inf, big, -big]] * 3, dtype)
-    assert prepare_inputs([spec], extremes)["x"] is extremes  # accepted as it is
-    extremes[1, 3] = np.nan
-    with pytest.raises(InputError, match="1 NaN value"):
-        prepare_inputs([spec], extremes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert prepare_inputs([spec], extremes)["x"] is extremes  # accepted as it is
+        extremes[1, 3] = np.nan
+        with pytest.raises(InputError, match="1 NaN value"):
+            prepare_inputs([spec], extremes)
+    assert all("overflow" in str(w.message) for w in caught)  # the documented warning only
     empty = np.zeros((0, 4), dtype)
     assert prepare_inputs([spec], empty)["x"].shape == (0, 4)
+
+
+def test_failure_inside_the_runtime_raises_engine_error(two_input: OnnxEngine):
+    """Each input fits its own spec, but the batches disagree: only ORT can tell."""
+    with pytest.raises(EngineError, match="inference failed for two_input.onnx") as caught:
+        two_input.infer({"x": np.ones((2, 4), np.float32), "scale": np.ones((3, 1), np.int64)})
+    assert not isinstance(caught.value, InputError)
+    assert type(caught.value.__cause__).__module__.startswith("onnxruntime")
+    assert two_input.infer({"x": np.ones((1, 4), np.float32),  # the engine still works
+                            "scale": np.full((1, 1), 2, np.int64)})["y"].tolist() == [[2.0] * 4]
 
 
 def test_input_error_is_a_value_error_and_an_engine_error():
