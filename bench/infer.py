@@ -6,6 +6,9 @@ For batch 1 and 256, p50/p99 latency and throughput of
       the bundle configures it (NaN refused: every request is scanned) and with NaN allowed
       (``engine_nan_allowed_vs_bare``: the engine's fixed cost alone),
   (c) the agent's local HTTP endpoint (keep-alive; JSON for batch 1, .npy for batch 256),
+      called from another process as applications do, and beside it the transport's
+      floor: the same server and client with a handler that only reads the body and
+      answers fixed bytes of the same size,
 and the ratios (b)/(a) and (c)/(a) of p50 latency. Then the idle RSS of a real
 ``edge-agent run`` process with one model loaded, and beside it the floor: a Python process
 holding only an onnxruntime session on the same model. Last line: one JSON object.
@@ -139,6 +142,82 @@ def rss_of_bare_session(model: Path) -> float:
     return int(out.split()[-1]) / 1024
 
 
+class TransportFloor:
+    """The endpoint's transport without the endpoint: the same stdlib server (HTTP/1.1
+    keep-alive, TCP_NODELAY, a thread per connection) answering every POST with fixed
+    bytes, after reading the body. The same client against it gives what HTTP itself
+    costs, so ``endpoint_vs_http_floor`` is what the endpoint adds."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from threading import Thread
+
+        floor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", floor.content_type)
+                self.send_header("Content-Length", str(len(floor.body)))
+                self.end_headers()
+                self.wfile.write(floor.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.body, self.content_type = b"{}", "application/json"
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer_like(self, response) -> None:
+        """Answer with the endpoint's own bytes: the same size goes back either way."""
+        self.body, self.content_type = response.content, response.headers["Content-Type"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def http_latencies(
+    urls: dict[str, str], body: bytes, headers: dict[str, str], seconds: float
+) -> dict[str, dict[str, float]]:
+    """POST ``body`` to each URL's ``/v1/infer`` from another process, in rotating blocks.
+
+    Another process, as an application on the device calls the agent: a client thread in
+    the server's own process takes turns with it on one GIL, and every handoff lands in the
+    measured latency (in one process the endpoint read ~1.6 ms at batch 256; most of the
+    difference to a separate client was waiting for the GIL)."""
+    with tempfile.NamedTemporaryFile(prefix="edgefleet-bench-body-") as file:
+        file.write(body)
+        file.flush()
+        spec = {"urls": urls, "body": file.name, "headers": headers, "seconds": seconds}
+        out = subprocess.run(
+            [sys.executable, __file__, "--http-client", json.dumps(spec)],
+            capture_output=True, text=True, check=True, timeout=60 + 10 * seconds * len(urls),
+        ).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def run_http_client(spec: dict) -> None:
+    """The other process of :func:`http_latencies`: prints the results as one JSON line."""
+    import httpx
+
+    body = Path(spec["body"]).read_bytes()
+    clients = {name: httpx.Client(base_url=url, timeout=30) for name, url in spec["urls"].items()}
+
+    def post(client: httpx.Client) -> None:
+        client.post("/v1/infer", content=body, headers=spec["headers"]).raise_for_status()
+
+    calls = {name: (lambda client=client: post(client)) for name, client in clients.items()}
+    print(json.dumps(measure(calls, spec["seconds"])))
+
+
 def rss_of_idle_agent(state_dir: Path) -> float:
     import httpx
 
@@ -174,7 +253,11 @@ def rss_of_idle_agent(state_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--http-client", help=argparse.SUPPRESS)  # see http_latencies
     args = parser.parse_args()
+    if args.http_client:
+        run_http_client(json.loads(args.http_client))
+        return
 
     import httpx
     import onnxruntime as ort
@@ -205,6 +288,7 @@ def main() -> None:
         host.swap(LoadedModel("a", manifest, engine))
         endpoint = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
         client = httpx.Client(base_url=endpoint.where, timeout=30)
+        floor = TransportFloor()
         try:
             for batch in (1, 256):
                 x = rng.normal(size=(batch, FEATURES)).astype(np.float32)
@@ -213,23 +297,26 @@ def main() -> None:
                 npy_body = npy.getvalue()
                 json_body = json.dumps({"inputs": x.tolist()}).encode()
 
-                def via_http(body=npy_body if batch > 1 else json_body, binary=batch > 1):
-                    headers = ({"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-                               if binary else {"Content-Type": "application/json"})
-                    response = client.post("/v1/infer", content=body, headers=headers)
-                    response.raise_for_status()
+                body = npy_body if batch > 1 else json_body
+                headers = ({"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+                           if batch > 1 else {"Content-Type": "application/json"})
+                response = client.post("/v1/infer", content=body, headers=headers)
+                floor.answer_like(response.raise_for_status())
 
                 calls = {
                     "bare": lambda x=x: session.run(None, {"x": x}),
                     "engine": lambda x=x: engine.infer(x),
                     "eng_nan+": lambda x=x: engine_nan_ok.infer(x),
-                    "endpoint": via_http,
                 }
                 if tflite is not None:
                     bare_tflite, tflite_engine = tflite
                     calls["tfl_bare"] = lambda x=x, call=bare_tflite: call(x)
                     calls["tfl_eng"] = lambda x=x, engine=tflite_engine: engine.infer(x)
                 results = measure(calls, args.seconds)
+                results.update(http_latencies(
+                    {"endpoint": endpoint.where, "http_floor": floor.url}, body, headers,
+                    args.seconds,
+                ))
                 for name, result in results.items():
                     print(f"batch {batch:3d} {name:8s} p50 {result['p50_ms']:8.3f} ms  "
                           f"p99 {result['p99_ms']:8.3f} ms  "
@@ -241,12 +328,16 @@ def main() -> None:
                 figures[f"endpoint_vs_bare_b{batch}"] = round(
                     results["endpoint"]["p50_ms"] / bare, 3)
                 figures[f"endpoint_p50_ms_b{batch}"] = round(results["endpoint"]["p50_ms"], 3)
+                figures[f"http_floor_p50_ms_b{batch}"] = round(results["http_floor"]["p50_ms"], 3)
+                figures[f"endpoint_vs_http_floor_b{batch}"] = round(
+                    results["endpoint"]["p50_ms"] / results["http_floor"]["p50_ms"], 3)
                 figures[f"bare_p50_ms_b{batch}"] = round(bare, 4)
                 if tflite is not None:
                     figures[f"tflite_engine_vs_bare_b{batch}"] = round(
                         results["tfl_eng"]["p50_ms"] / results["tfl_bare"]["p50_ms"], 3)
         finally:
             client.close()
+            floor.close()
             endpoint.stop()
             host.close()
             engine_nan_ok.close()

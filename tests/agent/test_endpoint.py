@@ -7,6 +7,7 @@ daemon loads it.
 from __future__ import annotations
 
 import io
+import socket
 
 import httpx
 import numpy as np
@@ -68,6 +69,35 @@ def test_npy_request_and_npy_answer(endpoint, weights):
     assert response.status_code == 200, response.text
     assert response.headers["x-model-version"] == "4"
     y = np.load(io.BytesIO(response.content), allow_pickle=False)
+    np.testing.assert_allclose(y, mlp_reference(weights, x), atol=1e-5)
+
+
+def test_expect_100_continue_is_answered_before_the_body(endpoint, weights):
+    """curl sends ``Expect: 100-continue`` for large bodies and waits for the interim
+    answer; responses are buffered, so that one must be flushed on its own."""
+    client, _ = endpoint
+    x = np.ones((2, 4), np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, x)
+    body = buffer.getvalue()
+    host, port = str(client.base_url.host), client.base_url.port
+    with socket.create_connection((host, port), timeout=5) as raw:
+        raw.sendall(
+            f"POST /v1/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-npy\r\n"
+            f"Accept: application/x-npy\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 100")  # within the 5 s timeout
+        assert reader.readline() == b"\r\n"
+        raw.sendall(body)
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        headers = {}
+        while (line := reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        answer = reader.read(int(headers["content-length"]))
+    y = np.load(io.BytesIO(answer), allow_pickle=False)
     np.testing.assert_allclose(y, mlp_reference(weights, x), atol=1e-5)
 
 

@@ -184,7 +184,7 @@ def test_nan_check_is_exact_for_infinities_and_overflow(dtype: str):
 
 def test_failure_inside_the_runtime_raises_engine_error(two_input: OnnxEngine):
     """Each input fits its own spec, but the batches disagree: only ORT can tell."""
-    with pytest.raises(EngineError, match="inference failed for two_input.onnx") as caught:
+    with pytest.raises(EngineError, match=r"inference failed for two_input\.onnx") as caught:
         two_input.infer({"x": np.ones((2, 4), np.float32), "scale": np.ones((3, 1), np.int64)})
     assert not isinstance(caught.value, InputError)
     assert type(caught.value.__cause__).__module__.startswith("onnxruntime")

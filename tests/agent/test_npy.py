@@ -1,0 +1,52 @@
+"""agent.npy: the endpoint's .npy reader agrees with np.load on every body np.save writes,
+and refuses what np.load refuses."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from agent.npy import load_npy
+
+
+def _saved(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(5, dtype=np.float64),
+        np.array(7, dtype=np.int64),  # a scalar: shape ()
+        np.zeros((2, 0, 3), np.uint8),  # empty
+        np.array([True, False]),
+        np.arange(3, dtype=">f8"),  # big-endian
+        np.arange(4, dtype=np.float16),
+        np.asfortranarray(np.arange(6.0).reshape(2, 3)),  # Fortran order: numpy's reader
+        np.array(["ab", "c"]),  # not numeric: numpy's reader
+    ],
+    ids=lambda array: f"{array.dtype.str}{array.shape}",
+)
+def test_agrees_with_np_load(array: np.ndarray):
+    loaded = load_npy(_saved(array))
+    assert loaded.dtype == array.dtype and loaded.shape == array.shape
+    np.testing.assert_array_equal(loaded, array)
+
+
+def test_a_plain_batch_is_a_read_only_view_of_the_body():
+    body = _saved(np.ones((256, 64), np.float32))
+    loaded = load_npy(body)
+    assert not loaded.flags.writeable and not loaded.flags.owndata
+
+
+@pytest.mark.parametrize(
+    "cut", [lambda b: b[:-1], lambda b: b[:9], lambda b: b[:9] + b"\xff\xff{", lambda b: b"x" + b]
+)
+def test_broken_bodies_raise_what_np_load_raises(cut):
+    with pytest.raises((ValueError, OSError, EOFError)):
+        load_npy(cut(_saved(np.ones((4, 4), np.float32))))
