@@ -240,11 +240,9 @@ def _fits_exactly(spec: TensorSpec, array: np.ndarray) -> bool:
     shape = array.shape
     if array.dtype != dtype or len(shape) != rank or not array.flags.c_contiguous:
         return False
-    if tail is None and any(  # a dynamic dim after the first: the general comparison
-        want is not None and want != got for want, got in zip(spec.shape, shape, strict=True)
-    ):
-        return False
-    return tail is None or (shape[1:] == tail and (leading is None or shape[0] == leading))
+    if tail is None:  # a dynamic dim after the first: compare dim by dim
+        return all(want is None or want == got for want, got in zip(spec.shape, shape, strict=True))
+    return shape[1:] == tail and (leading is None or shape[0] == leading)
 
 
 def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:

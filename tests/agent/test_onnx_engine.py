@@ -192,6 +192,28 @@ def test_failure_inside_the_runtime_raises_engine_error(two_input: OnnxEngine):
                             "scale": np.full((1, 1), 2, np.int64)})["y"].tolist() == [[2.0] * 4]
 
 
+@pytest.mark.parametrize(
+    ("shape", "given", "fits"),
+    [
+        ((None, 4), (7, 4), True),
+        ((None, 4), (7, 5), False),
+        ((2, None, 3), (2, 9, 3), True),  # a dynamic dim after the first
+        ((2, None, 3), (2, 9, 4), False),
+        ((2, None, 3), (3, 9, 3), False),  # a fixed leading dim
+        ((2, 3), (2, 3), True),
+        ((2, 3), (1, 3), False),
+    ],
+)
+def test_shapes_are_matched_dim_by_dim(shape, given, fits):
+    spec = TensorSpec("x", "float32", shape)
+    array = np.zeros(given, np.float32)
+    if fits:
+        assert prepare_inputs([spec], array)["x"] is array  # no copy
+    else:
+        with pytest.raises(InputError, match=r"expected shape"):
+            prepare_inputs([spec], array)
+
+
 def test_input_error_is_a_value_error_and_an_engine_error():
     assert issubclass(InputError, ValueError)
     assert issubclass(InputError, EngineError)
