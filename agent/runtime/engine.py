@@ -115,6 +115,27 @@ class TensorSpec:
         return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 
+_FastPath: TypeAlias = tuple[str, np.dtype[Any], tuple[int, ...], int, bool]
+"""(input name, dtype, dims after the batch, rank, scan for NaN with one BLAS dot)."""
+
+
+def _fast_path(specs: Sequence[TensorSpec]) -> _FastPath | None:
+    """What an already-right request looks like, for :meth:`Engine.infer`'s inline check.
+
+    Only for the common model: one input whose first dim is the batch and whose other dims
+    are fixed, and whose NaN scan, if its schema asks for one, is the BLAS dot (float32 and
+    float64). Other models take :func:`prepare_inputs` for every request."""
+    if len(specs) != 1:
+        return None
+    spec = specs[0]
+    fit = spec.exact_fit
+    if not spec.has_batch_dim or fit.tail is None:
+        return None
+    if fit.scan_nan and fit.dtype.char not in "fd":
+        return None
+    return (spec.name, fit.dtype, fit.tail, fit.rank, fit.scan_nan)
+
+
 class _State(enum.Enum):
     OPENED = enum.auto()
     CLOSED = enum.auto()
@@ -131,6 +152,7 @@ class Engine(ABC):
         self._inputs = tuple(inputs)
         self._outputs = tuple(outputs)
         self._state = _State.OPENED
+        self._fast = _fast_path(self._inputs)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -151,9 +173,35 @@ class Engine(ABC):
         self._inputs = tuple(
             replace(spec, allow_nan=spec.name not in refused) for spec in self._inputs
         )
+        if self._state is _State.OPENED:
+            self._fast = _fast_path(self._inputs)
 
     def infer(self, inputs: InputData) -> dict[str, np.ndarray]:
-        """Validate ``inputs`` against :attr:`inputs`, run the model, return outputs by name."""
+        """Validate ``inputs`` against :attr:`inputs`, run the model, return outputs by name.
+
+        The common request, one C-contiguous array of the right dtype and shape for a
+        single-input model, is checked inline against :attr:`_fast` (one tuple compare per
+        property) and goes straight to the backend. Everything else, including every
+        request that will be refused, takes :func:`prepare_inputs`, which converts or
+        explains. Inline, not a helper: between two runs of the native runtime the CPU's
+        caches hold the runtime's code, and every distinct Python or numpy path touched on
+        the way costs several times its warm price (bench/infer.py; docs/architecture.md).
+        """
+        fast = self._fast
+        if fast is not None and type(inputs) is np.ndarray:
+            name, dtype, tail, rank, scan = fast
+            shape = inputs.shape
+            if (
+                inputs.dtype is dtype
+                and shape[1:] == tail
+                and len(shape) == rank
+                and inputs.flags.c_contiguous
+            ):
+                if scan:
+                    flat = inputs.ravel()  # a view: C-contiguous
+                    if isnan(flat.dot(flat)):  # see _has_nan
+                        _refuse_nan(self._inputs[0], inputs)
+                return self._run({name: inputs})
         self._ensure_open()
         return self._run(prepare_inputs(self._inputs, inputs))
 
@@ -171,6 +219,7 @@ class Engine(ABC):
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._fast = None  # every call now takes the checked path, which raises
         self._close()
 
     def __enter__(self) -> Self:

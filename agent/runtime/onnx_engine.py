@@ -136,6 +136,8 @@ class OnnxEngine(Engine):
             values = runner(names, feeds, None)
         except _ORT_ERRORS as exc:
             raise EngineError(f"inference failed for {self.path.name}: {exc}") from exc
+        if len(values) == 1:  # a dict display, not dict(zip()): see Engine.infer on cold code
+            return {names[0]: values[0]}
         return dict(zip(names, values, strict=True))
 
     def _close(self) -> None:

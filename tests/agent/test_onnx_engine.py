@@ -164,6 +164,39 @@ def test_nan_is_refused_where_the_schema_forbids_it(mlp: OnnxEngine):
     assert "1 NaN value(s) given" in _input_error(mlp, batch.astype(np.float64))  # converted
 
 
+def _strided_view(x: np.ndarray) -> np.ndarray:
+    wide = np.zeros((x.shape[0], 2 * x.shape[1]), x.dtype)
+    wide[:, ::2] = x
+    return wide[:, ::2]
+
+
+LAYOUTS = {
+    "c_order": lambda x: x,
+    "big_endian": lambda x: x.astype(">f4"),
+    "fortran_order": np.asfortranarray,
+    "strided_view": _strided_view,
+    "float64": lambda x: x.astype(np.float64),
+    "list": lambda x: x.tolist(),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_of_the_same_values_gives_the_same_answer(
+    mlp: OnnxEngine, onnx_mlp: MlpModelFile, layout: str
+):
+    """Engine.infer checks the common request inline and sends the rest through
+    prepare_inputs; both must accept the same values, answer the same, and refuse NaN."""
+    mlp.refuse_nan(["x"])
+    x = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)
+    arrange = LAYOUTS[layout]
+
+    answer = mlp.infer(arrange(x))["y"]
+
+    np.testing.assert_allclose(answer, mlp_reference(onnx_mlp.weights, x), atol=1e-5)
+    x[4, 1] = np.nan
+    assert "1 NaN value(s) given" in _input_error(mlp, arrange(x))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_nan_check_is_exact_for_infinities_and_overflow(dtype: str):
     """The check sums squares; +inf and -inf together, or squares past the dtype's max,
