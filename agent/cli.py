@@ -14,6 +14,10 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.runtime import EngineOptions
 
 __all__ = ["main"]
 
@@ -64,6 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="largest inference request body (default 16)")
     run.add_argument("--outbox-mb", type=float, default=64.0,
                      help="disk budget for telemetry waiting for the broker (default 64)")
+    _add_engine_arguments(run)
 
     enroll = commands.add_parser("enroll", help="pin the fleet's root of trust (once)")
     enroll.add_argument("--fleet", required=True, help="fleet URL, e.g. http://fleet:8000")
@@ -77,9 +82,39 @@ def _build_parser() -> argparse.ArgumentParser:
     infer.add_argument("model", type=Path, help="a .onnx or .tflite model file")
     infer.add_argument("--input", dest="input_path", type=Path, required=True,
                        help=".json (list, or {input: list}), .npy or .npz")
-    infer.add_argument("--provider", action="append", dest="providers",
-                       help="onnxruntime execution provider (repeatable; default CPU)")
+    _add_engine_arguments(infer)
     return parser
+
+
+def _add_engine_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--provider", action="append", dest="providers",
+        help="ONNX Runtime execution provider, in priority order (repeatable; default "
+        "CPUExecutionProvider; env EDGE_AGENT_PROVIDERS, comma-separated)",
+    )
+    command.add_argument(  # a string default goes through type=int: a bad env var is usage
+        "--threads", type=int, default=os.environ.get("EDGE_AGENT_THREADS") or None,
+        help="cores one inference may use: ONNX Runtime intra-op threads, TFLite "
+        "num_threads (default: the runtime's; env EDGE_AGENT_THREADS)",
+    )
+
+
+def _engine_options(args: argparse.Namespace) -> EngineOptions | None:
+    """The device's engine options, or None after printing why they are wrong."""
+    from agent.runtime import EngineError, EngineOptions, check_providers
+
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads must be at least 1, given {args.threads}", file=sys.stderr)
+        return None
+    from_env = [p.strip() for p in os.environ.get("EDGE_AGENT_PROVIDERS", "").split(",")]
+    providers = args.providers or [name for name in from_env if name]
+    try:
+        if providers:
+            check_providers(providers)
+    except EngineError as exc:
+        print(f"error: --provider: {exc}", file=sys.stderr)
+        return None
+    return EngineOptions(providers=tuple(providers) or None, threads=args.threads)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -109,6 +144,9 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         listen = (host, int(port))
+    engine = _engine_options(args)
+    if engine is None:
+        return 2
     try:
         daemon = AgentDaemon(
             AgentConfig(
@@ -123,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
                 socket_path=args.socket,
                 max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                 outbox_bytes=int(args.outbox_mb * 1024 * 1024),
+                engine=engine,
             )
         )
     except OSError as exc:  # state directory not writable, endpoint port taken, ...
@@ -191,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return _rollback(args)
     from agent.infer_cmd import infer_main
 
-    return infer_main(args.model, args.input_path, providers=args.providers)
+    engine = _engine_options(args)
+    if engine is None:
+        return 2
+    return infer_main(args.model, args.input_path, engine)
 
 
 if __name__ == "__main__":

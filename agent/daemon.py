@@ -21,7 +21,7 @@ import platform
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +53,7 @@ from agent.installer import Installer, LoadedModel
 from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
 from agent.outbox import Outbox, OutboxDrainer, Pending
 from agent.process_stats import ProcessSampler, release_free_memory
+from agent.runtime import EngineOptions
 from agent.serving import ModelHost
 from agent.state import AgentState
 from agent.stats import InferenceStats
@@ -109,6 +110,7 @@ class AgentConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     outbox_bytes: int = 64 * 1024 * 1024
     outbox_rate: float = 200.0  # messages per second while draining a backlog
+    engine: EngineOptions = field(default_factory=EngineOptions)  # providers, threads
 
 
 class AgentDaemon:
@@ -122,7 +124,8 @@ class AgentDaemon:
         self._fleet_url = config.fleet_url or self.state.fleet_url
         self._bundle_client: BundleClient | None = None
         self.installer = Installer(
-            config.state_dir, self.client, self._event, config.max_bundle_bytes
+            config.state_dir, self.client, self._event, config.max_bundle_bytes,
+            engine_options=config.engine,
         )
         self.host = ModelHost(self.stats)
         # Bound here, so a taken port is an error at start-up, not a dead thread later.

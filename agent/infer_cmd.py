@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime import EngineError, InputError, load_engine
+from agent.runtime import EngineError, EngineOptions, InputError, load_engine
 from agent.runtime.engine import InputData
 
 __all__ = ["infer_main", "load_input_file", "run_infer"]
@@ -25,7 +25,7 @@ INPUT_SUFFIXES = (".json", ".npy", ".npz")
 
 
 def run_infer(
-    model_path: Path, input_path: Path, providers: list[str] | None = None
+    model_path: Path, input_path: Path, options: EngineOptions | None = None
 ) -> dict[str, Any]:
     """``{"model": str, "outputs": {name: nested list}, "shapes": {name: [dims]}}``.
 
@@ -33,8 +33,8 @@ def run_infer(
     model that cannot be loaded or run.
     """
     data = load_input_file(input_path)
-    options: dict[str, Any] = {} if providers is None else {"providers": providers}
-    with load_engine(model_path, **options) as engine:
+    options = options or EngineOptions()
+    with load_engine(model_path, **options.for_model(model_path)) as engine:
         outputs = engine.infer(data)
     return {
         "model": str(model_path),
@@ -43,12 +43,12 @@ def run_infer(
     }
 
 
-def infer_main(model_path: Path, input_path: Path, providers: list[str] | None = None) -> int:
+def infer_main(model_path: Path, input_path: Path, options: EngineOptions | None = None) -> int:
     """Print :func:`run_infer`'s result as JSON on stdout; on failure, one line on stderr."""
     if not model_path.is_file():  # a usage error (exit 2), not a runtime failure
         return _fail(InputError(f"model file {model_path}: not found"), 2)
     try:
-        result = run_infer(model_path, input_path, providers)
+        result = run_infer(model_path, input_path, options)
     except InputError as exc:
         return _fail(exc, 2)
     except EngineError as exc:

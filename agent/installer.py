@@ -28,7 +28,7 @@ from agent.contract import BundleManifest, BundleRef, to_data
 from agent.errors import InstallError, ManifestError, UpdateError
 from agent.faults import crash_point
 from agent.health import open_checked_engine
-from agent.runtime import Engine
+from agent.runtime import Engine, EngineOptions
 from agent.slots import SLOT_NAMES, Slots
 
 if TYPE_CHECKING:  # imported on first download: TUF is not needed to serve a model
@@ -55,8 +55,10 @@ class Installer:
         client: Callable[[], BundleClient | None],
         emit: EventSink,
         max_bundle_bytes: int,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         self.slots = Slots(state_dir)
+        self.engine_options = engine_options or EngineOptions()
         self._client = client  # a factory: the TUF client is built on first use
         self.emit = emit
         self.max_bundle_bytes = max_bundle_bytes
@@ -93,8 +95,14 @@ class Installer:
     def _load_slot(self, name: str) -> LoadedModel:
         path = self.slots.path(name)
         manifest = verify_slot(path)
-        engine = open_checked_engine(path, manifest)
+        engine = self._open(path, manifest)
         return LoadedModel(name, manifest, engine)
+
+    def _open(self, slot: Path, manifest: BundleManifest) -> Engine:
+        """The slot's model, loaded as this device is configured and health-checked."""
+        return open_checked_engine(
+            slot, manifest, **self.engine_options.for_model(manifest.model_file)
+        )
 
     @staticmethod
     def _label(model: LoadedModel) -> tuple[str, int]:
@@ -112,7 +120,7 @@ class Installer:
             staged, manifest = self._stage_from_inactive(ref) or self._stage_from_fleet(
                 ref, detail
             )
-            engine = open_checked_engine(self.slots.path(staged), manifest)
+            engine = self._open(self.slots.path(staged), manifest)
             crash_point("after_health_check")
             self.slots.activate(staged)
         except (UpdateError, OSError) as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.runtime.engine import Engine, EngineError, InputError, TensorSpec, prepare_inputs
+from agent.runtime.options import EngineOptions, check_providers
 
 if TYPE_CHECKING:
     from agent.runtime.onnx_engine import OnnxEngine
@@ -21,10 +22,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Engine",
     "EngineError",
+    "EngineOptions",
     "InputError",
     "OnnxEngine",
     "TensorSpec",
     "TfliteEngine",
+    "check_providers",
     "load_engine",
     "prepare_inputs",
 ]

@@ -26,6 +26,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from agent.runtime.engine import Engine, EngineError, TensorSpec, translate_errors
+from agent.runtime.options import check_providers
 
 __all__ = ["DEFAULT_PROVIDERS", "OnnxEngine"]
 
@@ -96,12 +97,7 @@ class OnnxEngine(Engine):
     ) -> None:
         self.path = Path(path)
         chosen = list(providers) if providers else list(DEFAULT_PROVIDERS)
-        available = ort.get_available_providers()
-        if unavailable := [name for name in chosen if name not in available]:
-            raise EngineError(
-                f"execution provider(s) {unavailable} not available in this onnxruntime build; "
-                f"available: {available}"
-            )
+        check_providers(chosen)
         if not self.path.is_file():
             raise EngineError(f"cannot load ONNX model {self.path}: no such file")
 

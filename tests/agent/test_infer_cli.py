@@ -6,7 +6,6 @@ direct ``onnxruntime.InferenceSession`` run on the same input.
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -19,26 +18,11 @@ import pytest
 from tests.fixtures.models import MlpModelFile, ModelFile
 
 _CONSOLE_SCRIPT = Path(sys.executable).parent / "edge-agent"
-_INFER_MAIN = (
-    "import sys; from pathlib import Path; from agent.infer_cmd import infer_main; "
-    "sys.exit(infer_main(Path(sys.argv[1]), Path(sys.argv[2])))"
-)
 
 
-@functools.cache
-def _console_script_has_infer() -> bool:
-    if not _CONSOLE_SCRIPT.exists():
-        return False
-    probe = [_CONSOLE_SCRIPT, "infer", "--help"]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
-
-
-def _edge_agent_infer(model: Path, data: Path) -> subprocess.CompletedProcess[str]:
-    """``edge-agent infer MODEL --input DATA``, or infer_main directly until the CLI has it."""
-    if _console_script_has_infer():
-        argv = [str(_CONSOLE_SCRIPT), "infer", str(model), "--input", str(data)]
-    else:
-        argv = [sys.executable, "-c", _INFER_MAIN, str(model), str(data)]
+def _edge_agent_infer(model: Path, data: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``edge-agent infer MODEL --input DATA [OPTIONS]``, the installed console script."""
+    argv = [str(_CONSOLE_SCRIPT), "infer", str(model), "--input", str(data), *options]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -146,3 +130,38 @@ def test_corrupt_model_exits_1(tmp_path: Path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot load ONNX model ")
     assert "Traceback" not in result.stderr
+
+
+def test_thread_and_provider_options_give_the_same_numbers(
+    onnx_mlp: MlpModelFile, tmp_path: Path
+):
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    data = tmp_path / "data.npy"
+    np.save(data, x)
+
+    result = _edge_agent_infer(onnx_mlp.path, data, "--threads", "1",
+                               "--provider", "CPUExecutionProvider")
+
+    outputs = _cli_outputs(result)
+    np.testing.assert_array_equal(outputs["y"], _direct_session(onnx_mlp.path, {"x": x})["y"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--provider", "NoSuchProvider"), "error: --provider: execution provider(s) "
+                                           "['NoSuchProvider'] not available"),
+        (("--threads", "0"), "error: --threads must be at least 1, given 0"),
+    ],
+)
+def test_wrong_engine_options_exit_2_with_one_line(
+    onnx_mlp: MlpModelFile, tmp_path: Path, options: tuple[str, ...], message: str
+):
+    data = tmp_path / "data.json"
+    data.write_text("[1, 2, 3, 4]")
+
+    result = _edge_agent_infer(onnx_mlp.path, data, *options)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert result.stderr.count("\n") == 1
