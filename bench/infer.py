@@ -6,9 +6,9 @@ For batch 1 and 256, p50/p99 latency and throughput of
       the bundle configures it (NaN refused: every request is scanned) and with NaN allowed
       (``engine_nan_allowed_vs_bare``: the engine's fixed cost alone),
   (c) the agent's local HTTP endpoint (keep-alive; JSON for batch 1, .npy for batch 256),
-      called from another process as applications do, and beside it the transport's
-      floor: the same server and client with a handler that only reads the body and
-      answers fixed bytes of the same size,
+      called from another process as applications do, over TCP and over its Unix socket
+      option, and beside it the transport's floor: the same server and client (TCP) with a
+      handler that only reads the body and answers fixed bytes of the same size,
 and the ratios (b)/(a) and (c)/(a) of p50 latency. Then the idle RSS of a real
 ``edge-agent run`` process with one model loaded, and beside it the floor: a Python process
 holding only an onnxruntime session on the same model. Last line: one JSON object.
@@ -209,7 +209,14 @@ def run_http_client(spec: dict) -> None:
     import httpx
 
     body = Path(spec["body"]).read_bytes()
-    clients = {name: httpx.Client(base_url=url, timeout=30) for name, url in spec["urls"].items()}
+
+    def client_for(url: str) -> httpx.Client:
+        if url.startswith("unix:"):
+            transport = httpx.HTTPTransport(uds=url.removeprefix("unix:"))
+            return httpx.Client(transport=transport, base_url="http://agent", timeout=30)
+        return httpx.Client(base_url=url, timeout=30)
+
+    clients = {name: client_for(url) for name, url in spec["urls"].items()}
 
     def post(client: httpx.Client) -> None:
         client.post("/v1/infer", content=body, headers=spec["headers"]).raise_for_status()
@@ -287,6 +294,7 @@ def main() -> None:
         host = ModelHost()
         host.swap(LoadedModel("a", manifest, engine))
         endpoint = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
+        unix_endpoint = InferenceEndpoint(host, socket_path=work / "agent.sock").start()
         client = httpx.Client(base_url=endpoint.where, timeout=30)
         floor = TransportFloor()
         try:
@@ -314,8 +322,8 @@ def main() -> None:
                     calls["tfl_eng"] = lambda x=x, engine=tflite_engine: engine.infer(x)
                 results = measure(calls, args.seconds)
                 results.update(http_latencies(
-                    {"endpoint": endpoint.where, "http_floor": floor.url}, body, headers,
-                    args.seconds,
+                    {"endpoint": endpoint.where, "unix_sock": unix_endpoint.where,
+                     "http_floor": floor.url}, body, headers, args.seconds,
                 ))
                 for name, result in results.items():
                     print(f"batch {batch:3d} {name:8s} p50 {result['p50_ms']:8.3f} ms  "
@@ -328,6 +336,10 @@ def main() -> None:
                 figures[f"endpoint_vs_bare_b{batch}"] = round(
                     results["endpoint"]["p50_ms"] / bare, 3)
                 figures[f"endpoint_p50_ms_b{batch}"] = round(results["endpoint"]["p50_ms"], 3)
+                figures[f"endpoint_unix_vs_bare_b{batch}"] = round(
+                    results["unix_sock"]["p50_ms"] / bare, 3)
+                figures[f"endpoint_unix_p50_ms_b{batch}"] = round(
+                    results["unix_sock"]["p50_ms"], 3)
                 figures[f"http_floor_p50_ms_b{batch}"] = round(results["http_floor"]["p50_ms"], 3)
                 figures[f"endpoint_vs_http_floor_b{batch}"] = round(
                     results["endpoint"]["p50_ms"] / results["http_floor"]["p50_ms"], 3)
@@ -339,6 +351,7 @@ def main() -> None:
             client.close()
             floor.close()
             endpoint.stop()
+            unix_endpoint.stop()
             host.close()
             engine_nan_ok.close()
         figures["idle_rss_mb"] = round(rss_of_idle_agent(work / "state"), 1)
