@@ -1,5 +1,9 @@
 """The install-time health check: the device must reproduce the outputs recorded at build.
 
+The check is also the model's warm-up (a bundle without samples gets a plain
+:meth:`~agent.runtime.Engine.warmup`): the first request after a swap must not be the one
+that pays for the runtime's lazy initialisation.
+
 Samples live in the bundle as ``samples.npz`` with keys ``input:<name>`` and
 ``expected:<name>``. A model that fails to load, raises, or differs beyond the manifest's
 tolerance is refused before it ever serves a request.
@@ -35,7 +39,11 @@ def load_samples(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
 
 def _check(engine: Engine, manifest: BundleManifest, slot: Path) -> None:
     spec = manifest.health_check
-    if spec is None:
+    if spec is None:  # nothing to compare with; still run it once before it serves
+        try:
+            engine.warmup()
+        except EngineError as exc:
+            raise HealthCheckError(f"model failed its warm-up run: {exc}") from exc
         return
     try:
         inputs, expected = load_samples(slot / spec.file)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import tarfile
 
+import msgspec
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from agent.bundle import COMPLETE_MARKER, extract_bundle, verify_slot
 from agent.errors import (
@@ -21,7 +24,7 @@ from agent.errors import (
 )
 from agent.health import open_checked_engine
 from tests.fixtures.bundles import file_member, read_members, relist, write_members
-from tests.fixtures.models import build_mlp_onnx
+from tests.fixtures.models import IR_VERSION, OPSET, build_mlp_onnx
 
 LIMIT = 50 * 1024 * 1024
 
@@ -131,6 +134,30 @@ def test_model_that_does_not_load_fails_the_health_check(make_bundle, tmp_path):
     )
     with pytest.raises(HealthCheckError, match="does not load"):
         open_checked_engine(tmp_path / "slot", manifest)
+
+
+def test_a_bundle_without_samples_still_runs_once_before_it_serves(make_bundle, tmp_path):
+    """No samples to compare with: the model must still run (its warm-up) before serving.
+    The model here loads but fails on every input (x reshaped to an impossible size)."""
+    fails_on_run = tmp_path / "fails.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "fails_on_run",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        initializer=[numpy_helper.from_array(np.array([3], np.int64), "shape")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                ir_version=IR_VERSION), fails_on_run)
+    manifest = extract_bundle(make_bundle().path, tmp_path / "slot", LIMIT)
+    without_samples = msgspec.structs.replace(manifest, health_check=None)
+    with open_checked_engine(tmp_path / "slot", without_samples) as engine:
+        assert engine.infer(np.zeros((2, 4), np.float32))["y"].shape == (2, 3)
+
+    (tmp_path / "slot" / "model.onnx").write_bytes(fails_on_run.read_bytes())
+
+    with pytest.raises(HealthCheckError, match="failed its warm-up run"):
+        open_checked_engine(tmp_path / "slot", without_samples)
 
 
 def test_slot_changed_after_install_fails_verification(make_bundle, tmp_path):
