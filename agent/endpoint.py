@@ -20,6 +20,7 @@ runtime failed). Never a stack trace to the client; the agent keeps serving.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -198,6 +199,15 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
@@ -224,6 +234,7 @@ class InferenceEndpoint:
             "max_request_bytes": max_request_bytes,
             "disable_nagle_algorithm": socket_path is None,  # TCP_NODELAY is TCP only
         })
+        self._exposed = address is not None and not _is_loopback(address[0])
         if socket_path is not None:
             if socket_path.exists():
                 socket_path.unlink()  # a stale socket from a previous run
@@ -242,6 +253,13 @@ class InferenceEndpoint:
     def start(self) -> InferenceEndpoint:
         self._thread.start()
         log.info("inference endpoint on %s", self.where)
+        if self._exposed:
+            log.warning(
+                "inference endpoint %s is reachable from other hosts and has no "
+                "authentication: anyone on that network can run the model and read its "
+                "schema; listen on 127.0.0.1 or a Unix socket unless that is intended",
+                self.where,
+            )
         return self
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ daemon loads it.
 from __future__ import annotations
 
 import io
+import logging
 import socket
 
 import httpx
@@ -193,3 +194,15 @@ def test_both_runtimes_answer_the_numpy_reference_through_the_endpoint(
     finally:
         server.stop()
         host.close()
+
+
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_an_endpoint_reachable_from_other_hosts_is_logged_as_unauthenticated(
+    caplog, host, warned
+):
+    server = InferenceEndpoint(ModelHost(), address=(host, 0))
+    with caplog.at_level(logging.WARNING, logger="agent.endpoint"):
+        server.start()
+    server.stop()
+
+    assert any("no authentication" in r.getMessage() for r in caplog.records) is warned
