@@ -7,6 +7,7 @@ parity test compares two real runtimes with the plain numpy reference.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -293,3 +294,67 @@ def test_cli_wrong_feature_count_on_a_tflite_model_exits_2_like_onnx(
     # LiteRT's C++ "INFO: Created TensorFlow Lite XNNPACK delegate" line is logged, not
     # printed (agent.runtime.native_log): the error is stderr's only line, as with ONNX.
     assert from_tflite.stderr.strip() == expected
+
+
+@pytest.fixture(scope="session")
+def tflite_runtime_on_numpy_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with ``tflite-runtime`` and the numpy < 2 it needs, as on an older device.
+
+    Installed from PyPI with pip ``--target``, then put first on ``PYTHONPATH`` of a child
+    process, so numpy 1.x shadows this environment's numpy 2. Without a package index the
+    test skips with the reason, except under ``CI=true``, where it fails."""
+    target = tmp_path_factory.mktemp("tflite-runtime")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-warn-conflicts", "--target", str(target), "numpy<2", "tflite-runtime>=2.14"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    if install.returncode != 0 or not (target / "tflite_runtime").is_dir():
+        reason = f"cannot install tflite-runtime with numpy<2: {install.stderr.strip()[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the tflite-runtime path must be tested)")
+        pytest.skip(reason)
+    return target
+
+
+def test_tflite_runtime_on_numpy_1_gives_the_numpy_reference(
+    tflite_runtime_on_numpy_1: Path, tflite_mlp: TfliteMlpFiles, tmp_path: Path
+):
+    """The fallback for devices that have tflite-runtime, not ai-edge-litert: a real
+    tflite-runtime interpreter on numpy 1.x, dynamic batch sizes, the engine's checks."""
+    inputs = {f"b{size}": _batch(size) for size in (1, 7, 256)}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    code = (
+        "import sys, json, numpy as np\n"
+        "sys.modules['ai_edge_litert'] = None  # as on a device that only has tflite-runtime\n"
+        "from agent.runtime import InputError, load_engine\n"
+        "engine = load_engine(sys.argv[1], num_threads=1)\n"
+        "inputs = np.load(sys.argv[2])\n"
+        "np.savez(sys.argv[3], **{k: engine.infer(inputs[k])['y'] for k in inputs.files})\n"
+        "try:\n"
+        "    engine.infer(np.ones((2, 5), np.float32))\n"
+        "except InputError as exc:\n"
+        "    refusal = str(exc)\n"
+        "print(json.dumps({'runtime': engine.runtime, 'numpy': np.__version__,\n"
+        "                  'refusal': refusal}))\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{tflite_runtime_on_numpy_1}{os.pathsep}{repo}"}
+
+    result = subprocess.run(
+        [sys.executable, "-s", "-c", code, str(tflite_mlp.tflite_path),
+         str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["runtime"] == "tflite_runtime"
+    assert printed["numpy"].startswith("1.")
+    assert printed["refusal"] == (
+        "input 'x': expected shape (batch, 4), given (2, 5): feature count 5, expected 4"
+    )
+    with np.load(tmp_path / "outputs.npz") as outputs:
+        for name, x in inputs.items():
+            np.testing.assert_allclose(outputs[name], mlp_reference(tflite_mlp.weights, x),
+                                       atol=_ATOL)
