@@ -13,8 +13,13 @@ connection. Routes:
 * ``GET /healthz``.
 
 Errors are JSON ``{"error": "..."}`` with 400 (malformed body), 404, 411/413 (length),
-415 (content type), 422 (input does not fit the model), 503 (no model yet), 500 (the
-runtime failed). Never a stack trace to the client; the agent keeps serving.
+415 (content type), 422 (input does not fit the model), 503 (no model yet, or too many
+connections), 500 (the runtime failed). Never a stack trace to the client; the agent keeps
+serving.
+
+Bounded: at most ``max_connections`` connections are served at once (a thread each); one
+more is answered 503 and closed, so an application leaking connections cannot exhaust the
+agent. A connection idle for ``IDLE_TIMEOUT_S`` is closed.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "InferenceEndpoint"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 120.0
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
 
@@ -62,10 +69,40 @@ class _Handler(BaseHTTPRequestHandler):
     # client wakes up twice per response (on a VM, each wake-up costs tens of us).
     wbufsize = 256 * 1024
     server_version = "edgefleet-agent"
+    timeout = IDLE_TIMEOUT_S  # socket timeout: an idle keep-alive connection is closed
     host: ModelHost
     max_request_bytes: int
+    connection_slots: threading.BoundedSemaphore
+    max_connections: int
 
     # -- plumbing ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self._admitted = self.connection_slots.acquire(blocking=False)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self._admitted:
+                self.connection_slots.release()
+
+    def parse_request(self) -> bool:
+        """A connection over the limit gets one 503 (after its body is read) and is closed."""
+        if not super().parse_request():
+            return False
+        if self._admitted:
+            return True
+        self.close_connection = True
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit():
+            self._discard(int(length))
+        message = (f"too many connections to the agent (limit {self.max_connections}); "
+                   "reuse a connection or retry")
+        self._send(HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"error": message}).encode(),
+                   "application/json", Connection="close")
+        return False
 
     def handle_expect_100(self) -> bool:
         """The client waits for this before sending the body: it cannot sit in the buffer."""
@@ -226,12 +263,15 @@ class InferenceEndpoint:
         address: tuple[str, int] | None = None,
         socket_path: Path | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if (address is None) == (socket_path is None):
             raise ValueError("give exactly one of address or socket_path")
         handler = type("Handler", (_Handler,), {
             "host": host,
             "max_request_bytes": max_request_bytes,
+            "connection_slots": threading.BoundedSemaphore(max_connections),
+            "max_connections": max_connections,
             "disable_nagle_algorithm": socket_path is None,  # TCP_NODELAY is TCP only
         })
         self._exposed = address is not None and not _is_loopback(address[0])

@@ -23,6 +23,7 @@ from tests.fixtures.models import (
     build_mlp_onnx,
     mlp_reference,
 )
+from tests.fixtures.waiting import wait_until
 
 
 @pytest.fixture
@@ -206,3 +207,29 @@ def test_an_endpoint_reachable_from_other_hosts_is_logged_as_unauthenticated(
     server.stop()
 
     assert any("no authentication" in r.getMessage() for r in caplog.records) is warned
+
+
+def test_connections_over_the_limit_get_503_and_the_others_keep_working(loaded):
+    host = ModelHost()
+    host.swap(loaded)
+    server = InferenceEndpoint(host, address=("127.0.0.1", 0), max_connections=2).start()
+    request = {"json": {"inputs": [[0.0] * 4]}}
+    clients = [httpx.Client(base_url=server.where, timeout=10) for _ in range(3)]
+    try:
+        for held in clients[:2]:  # keep-alive: each holds its connection open
+            assert held.post("/v1/infer", **request).status_code == 200
+
+        refused = clients[2].post("/v1/infer", **request)
+
+        assert refused.status_code == 503
+        assert "too many connections to the agent (limit 2)" in refused.json()["error"]
+        assert refused.headers["Connection"] == "close"
+        assert all(c.post("/v1/infer", **request).status_code == 200 for c in clients[:2])
+        clients[0].close()  # frees its slot once the server sees the connection end
+        wait_until(lambda: clients[2].post("/v1/infer", **request).status_code == 200,
+                   timeout=10, what="a freed connection slot")
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+        host.close()
