@@ -18,6 +18,7 @@ from agent.bundle import extract_bundle
 from agent.endpoint import InferenceEndpoint
 from agent.health import open_checked_engine
 from agent.installer import LoadedModel
+from agent.runtime import load_engine
 from agent.serving import ModelHost
 from tests.fixtures.models import (
     build_mlp_onnx,
@@ -101,6 +102,33 @@ def test_expect_100_continue_is_answered_before_the_body(endpoint, weights):
         answer = reader.read(int(headers["content-length"]))
     y = np.load(io.BytesIO(answer), allow_pickle=False)
     np.testing.assert_allclose(y, mlp_reference(weights, x), atol=1e-5)
+
+
+def test_nan_where_the_schema_allows_it_is_null_in_json_and_exact_in_npy(loaded, tmp_path):
+    """JSON has no NaN: a JSON answer says null, an .npy answer carries the NaN itself. The
+    request may use the NaN word Python's json writes."""
+    allows_nan = LoadedModel("a", loaded.manifest, load_engine(tmp_path / "slot" / "model.onnx"))
+    loaded.engine.close()
+    host = ModelHost()
+    host.swap(allows_nan)
+    server = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
+    body = b'{"inputs": [[NaN, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]}'
+    try:
+        with httpx.Client(base_url=server.where, timeout=10) as client:
+            as_json = client.post("/v1/infer", content=body,
+                                  headers={"Content-Type": "application/json"})
+            as_npy = client.post("/v1/infer", content=body,
+                                 headers={"Content-Type": "application/json",
+                                          "Accept": "application/x-npy"})
+    finally:
+        server.stop()
+        host.close()
+
+    assert as_json.status_code == 200, as_json.text
+    first, second = as_json.json()["outputs"]["y"]
+    assert first == [None, None, None] and all(isinstance(v, float) for v in second)
+    exact = np.load(io.BytesIO(as_npy.content), allow_pickle=False)
+    assert np.isnan(exact[0]).all() and np.allclose(exact[1], second)
 
 
 def test_model_description(endpoint):

@@ -1,5 +1,5 @@
 """agent.npy: the endpoint's .npy reader agrees with np.load on every body np.save writes,
-and refuses what np.load refuses."""
+and refuses what np.load refuses; its writer gives np.save's bytes, cached header or not."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import io
 import numpy as np
 import pytest
 
-from agent.npy import load_npy
+from agent import npy
+from agent.npy import HEADER_CACHE_SIZE, dump_npy, load_npy
 
 
 def _saved(array: np.ndarray) -> bytes:
@@ -17,21 +18,21 @@ def _saved(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(
-    "array",
-    [
-        np.arange(12, dtype=np.float32).reshape(3, 4),
-        np.arange(5, dtype=np.float64),
-        np.array(7, dtype=np.int64),  # a scalar: shape ()
-        np.zeros((2, 0, 3), np.uint8),  # empty
-        np.array([True, False]),
-        np.arange(3, dtype=">f8"),  # big-endian
-        np.arange(4, dtype=np.float16),
-        np.asfortranarray(np.arange(6.0).reshape(2, 3)),  # Fortran order: numpy's reader
-        np.array(["ab", "c"]),  # not numeric: numpy's reader
-    ],
-    ids=lambda array: f"{array.dtype.str}{array.shape}",
-)
+ARRAYS = [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.arange(5, dtype=np.float64),
+    np.array(7, dtype=np.int64),  # a scalar: shape ()
+    np.zeros((2, 0, 3), np.uint8),  # empty
+    np.array([True, False]),
+    np.arange(3, dtype=">f8"),  # big-endian
+    np.arange(4, dtype=np.float16),
+    np.asfortranarray(np.arange(6.0).reshape(2, 3)),  # Fortran order: numpy's reader
+    np.array(["ab", "c"]),  # not numeric: numpy's reader
+]
+_IDS = [f"{array.dtype.str}{array.shape}" for array in ARRAYS]
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=_IDS)
 def test_agrees_with_np_load(array: np.ndarray):
     loaded = load_npy(_saved(array))
     assert loaded.dtype == array.dtype and loaded.shape == array.shape
@@ -50,3 +51,26 @@ def test_a_plain_batch_is_a_read_only_view_of_the_body():
 def test_broken_bodies_raise_what_np_load_raises(cut):
     with pytest.raises((ValueError, OSError, EOFError)):
         load_npy(cut(_saved(np.ones((4, 4), np.float32))))
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=_IDS)
+def test_writes_what_np_save_writes_before_and_after_caching_the_header(array: np.ndarray):
+    assert dump_npy(array) == _saved(array)
+    other = np.ones_like(array) if array.dtype.kind != "U" else np.array(["x", "yz"])
+    assert dump_npy(other) == _saved(other)  # a known shape: the cached header
+    np.testing.assert_array_equal(load_npy(dump_npy(other)), other)
+
+
+def test_a_known_header_with_a_truncated_body_is_still_refused():
+    body = _saved(np.ones((3, 4), np.float32))
+    assert load_npy(body).shape == (3, 4)  # the header is cached now
+    with pytest.raises(ValueError):
+        load_npy(body[:-4])
+
+
+def test_header_caches_stay_bounded_whatever_the_shapes():
+    for rows in range(HEADER_CACHE_SIZE + 10):
+        array = np.zeros((rows, 2), np.float32)
+        load_npy(dump_npy(array))
+    assert 0 < len(npy._read_layouts) <= HEADER_CACHE_SIZE
+    assert 0 < len(npy._written_headers) <= HEADER_CACHE_SIZE
