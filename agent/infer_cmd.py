@@ -47,6 +47,9 @@ def infer_main(model_path: Path, input_path: Path, options: EngineOptions | None
     """Print :func:`run_infer`'s result as JSON on stdout; on failure, one line on stderr."""
     if not model_path.is_file():  # a usage error (exit 2), not a runtime failure
         return _fail(InputError(f"model file {model_path}: not found"), 2)
+    if options is not None and options.providers and model_path.suffix.lower() == ".tflite":
+        print("note: --provider applies to ONNX models; ignored for a .tflite model",
+              file=sys.stderr)
     try:
         result = run_infer(model_path, input_path, options)
     except InputError as exc:
