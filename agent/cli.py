@@ -99,8 +99,11 @@ def _add_engine_arguments(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _engine_options(args: argparse.Namespace) -> EngineOptions | None:
-    """The device's engine options, or None after printing why they are wrong."""
+def _engine_options(
+    args: argparse.Namespace, onnx_models: bool = True
+) -> EngineOptions | None:
+    """The device's engine options, or None after printing why they are wrong. Providers
+    are checked against the installed onnxruntime only if ONNX models may be run."""
     from agent.runtime import EngineError, EngineOptions, check_providers
 
     if args.threads is not None and args.threads < 1:
@@ -109,7 +112,7 @@ def _engine_options(args: argparse.Namespace) -> EngineOptions | None:
     from_env = [p.strip() for p in os.environ.get("EDGE_AGENT_PROVIDERS", "").split(",")]
     providers = args.providers or [name for name in from_env if name]
     try:
-        if providers:
+        if providers and onnx_models:
             check_providers(providers)
     except EngineError as exc:
         print(f"error: --provider: {exc}", file=sys.stderr)
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return _rollback(args)
     from agent.infer_cmd import infer_main
 
-    engine = _engine_options(args)
+    engine = _engine_options(args, onnx_models=args.model.suffix.lower() != ".tflite")
     if engine is None:
         return 2
     return infer_main(args.model, args.input_path, engine)

@@ -19,9 +19,11 @@ Errors are JSON ``{"error": "..."}`` with 400 (malformed body), 404, 411/413 (le
 connections), 500 (the runtime failed). Never a stack trace to the client; the agent keeps
 serving.
 
-Bounded: at most ``max_connections`` connections are served at once (a thread each); one
-more is answered 503 and closed, so an application leaking connections cannot exhaust the
-agent. A connection idle for ``IDLE_TIMEOUT_S`` is closed.
+Bounded: at most ``max_connections`` connections are served at once (a thread each). One
+more is answered 503 and closed as soon as it sends its request, and dropped after
+``REFUSED_TIMEOUT_S`` if it sends nothing, so the threads an application leaking
+connections can pile up live seconds, not forever. A served connection idle for
+``IDLE_TIMEOUT_S`` is closed.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
 IDLE_TIMEOUT_S = 120.0
+REFUSED_TIMEOUT_S = 5.0
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
 
@@ -82,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self._admitted = self.connection_slots.acquire(blocking=False)
+        if not self._admitted:  # it only gets to say its request, then the 503
+            self.connection.settimeout(REFUSED_TIMEOUT_S)
 
     def finish(self) -> None:
         try:
@@ -244,7 +249,7 @@ def _decode_json(body: bytes) -> Any:
     error when the body really is malformed."""
     try:
         return _json_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # deep nesting raises the latter
         pass
     try:
         return json.loads(body)

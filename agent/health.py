@@ -40,10 +40,7 @@ def load_samples(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
 def _check(engine: Engine, manifest: BundleManifest, slot: Path) -> None:
     spec = manifest.health_check
     if spec is None:  # nothing to compare with; still run it once before it serves
-        try:
-            engine.warmup()
-        except EngineError as exc:
-            raise HealthCheckError(f"model failed its warm-up run: {exc}") from exc
+        _warm_up(engine)
         return
     try:
         inputs, expected = load_samples(slot / spec.file)
@@ -65,6 +62,20 @@ def _check(engine: Engine, manifest: BundleManifest, slot: Path) -> None:
                 f"output {name!r} differs from the expected samples by up to {worst:.3g} "
                 f"(rtol {spec.rtol}, atol {spec.atol})"
             )
+
+
+def _warm_up(engine: Engine) -> None:
+    """One all-zeros batch, when the schema says the whole input shape: a model that cannot
+    run a well-shaped input is refused. With a dynamic dim besides the batch, the shape
+    :meth:`Engine.warmup` would guess (1) may simply be too small for the model (a 3x3
+    convolution on a 1x1 image), so the run is left to the first request."""
+    if any(None in spec.shape[1:] for spec in engine.inputs):
+        log.info("no warm-up run: an input has a dynamic dimension besides the batch")
+        return
+    try:
+        engine.warmup()
+    except EngineError as exc:
+        raise HealthCheckError(f"model failed its warm-up run: {exc}") from exc
 
 
 def open_checked_engine(slot: Path, manifest: BundleManifest, **options) -> Engine:

@@ -1,9 +1,10 @@
 """The inference engine interface, and the one place requests are validated.
 
-Every backend (ONNX Runtime now, TFLite later) sits behind :class:`Engine`, whose single
-backend hook is :meth:`Engine._run`. :meth:`Engine.infer` always passes the caller's data
-through :func:`prepare_inputs` first, so a backend only ever sees a complete feed of
-C-contiguous arrays with the model's dtypes and shapes. That gives three invariants:
+Every backend (ONNX Runtime, TFLite) sits behind :class:`Engine`, whose single backend
+hook is :meth:`Engine._run`. :meth:`Engine.infer` passes the caller's data to the backend
+only once it is a complete feed of C-contiguous arrays with the model's dtypes and shapes:
+an array that already is one (checked inline, the common request) as it is, anything else
+through :func:`prepare_inputs`, which converts or refuses. That gives three invariants:
 
 * a bad request raises :class:`InputError` naming expected vs given, never a numpy or backend
   stack trace, and the message does not depend on which backend is loaded;

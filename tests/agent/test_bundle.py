@@ -23,6 +23,7 @@ from agent.errors import (
     UnsafeArchiveError,
 )
 from agent.health import open_checked_engine
+from agent.runtime import EngineError
 from tests.fixtures.bundles import file_member, read_members, relist, write_members
 from tests.fixtures.models import IR_VERSION, OPSET, build_mlp_onnx
 
@@ -158,6 +159,29 @@ def test_a_bundle_without_samples_still_runs_once_before_it_serves(make_bundle, 
 
     with pytest.raises(HealthCheckError, match="failed its warm-up run"):
         open_checked_engine(tmp_path / "slot", without_samples)
+
+
+def test_no_warm_up_guess_for_a_dynamic_dimension_besides_the_batch(make_bundle, tmp_path):
+    """A 3x3 convolution over images of any size: a guessed 1x1 warm-up input would fail,
+    yet the model is fine; without samples it is loaded and left to its first request."""
+    conv = tmp_path / "conv.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, "h2", "w2"])],
+        initializer=[numpy_helper.from_array(np.ones((1, 3, 3, 3), np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                ir_version=IR_VERSION), conv)
+    manifest = extract_bundle(make_bundle().path, tmp_path / "slot", LIMIT)
+    (tmp_path / "slot" / "model.onnx").write_bytes(conv.read_bytes())
+    without_samples = msgspec.structs.replace(manifest, health_check=None)
+
+    with open_checked_engine(tmp_path / "slot", without_samples) as engine:
+        with pytest.raises(EngineError):  # what a guessed warm-up would have run into
+            engine.warmup()
+        assert engine.infer(np.ones((1, 3, 8, 8), np.float32))["y"].shape == (1, 1, 6, 6)
 
 
 def test_slot_changed_after_install_fails_verification(make_bundle, tmp_path):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import time
 
 import httpx
 import numpy as np
 import pytest
 
 from agent.bundle import extract_bundle
-from agent.endpoint import InferenceEndpoint
+from agent.endpoint import REFUSED_TIMEOUT_S, InferenceEndpoint
 from agent.health import open_checked_engine
 from agent.installer import LoadedModel
 from agent.runtime import load_engine
@@ -150,6 +151,8 @@ BAD_REQUESTS = {
     "too_large": ({"json": {"inputs": [[1.0] * 4] * 5000}}, 413, "over the 65536-byte limit"),
     "malformed_json": ({"content": b'{"inputs": [[1.0,', "headers":
                         {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    "deeply_nested": ({"content": b'{"inputs": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+                       "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
     "not_an_object": ({"json": [[1.0, 2.0, 3.0, 4.0]]}, 400, '{"inputs"'),
     "bad_npy": ({"content": b"not numpy", "headers": {"Content-Type": "application/x-npy"}},
                 400, "not a valid application/x-npy"),
@@ -235,6 +238,23 @@ def test_an_endpoint_reachable_from_other_hosts_is_logged_as_unauthenticated(
     server.stop()
 
     assert any("no authentication" in r.getMessage() for r in caplog.records) is warned
+
+
+def test_a_silent_connection_over_the_limit_is_dropped_after_a_few_seconds(loaded):
+    host = ModelHost()
+    server = InferenceEndpoint(host, address=("127.0.0.1", 0), max_connections=1).start()
+    port = int(server.where.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as held:
+            held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200 OK" in held.recv(4096)  # this one holds the only slot
+            with socket.create_connection(("127.0.0.1", port)) as silent:
+                silent.settimeout(REFUSED_TIMEOUT_S + 5)
+                started = time.monotonic()
+                assert silent.recv(4096) == b""  # closed by the agent, unasked
+                assert time.monotonic() - started < REFUSED_TIMEOUT_S + 2
+    finally:
+        server.stop()
 
 
 def test_connections_over_the_limit_get_503_and_the_others_keep_working(loaded):

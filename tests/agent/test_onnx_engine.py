@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from agent.runtime import (
+    Engine,
     EngineError,
     InputError,
     OnnxEngine,
@@ -292,6 +293,26 @@ def test_closed_engine_raises_runtime_error(onnx_mlp: MlpModelFile):
         engine.warmup()
     with pytest.raises(RuntimeError, match="closed"), engine:
         pass
+
+
+def test_a_closed_engine_refuses_even_a_request_that_needs_no_conversion():
+    """The inline check in Engine.infer must not outlive close(), whatever the backend."""
+
+    class Echo(Engine):
+        def _run(self, feeds):
+            return dict(feeds)
+
+        def _close(self):
+            pass
+
+    engine = Echo([TensorSpec("x", "float32", (None, 4))], [TensorSpec("x", "float32",
+                                                                      (None, 4))])
+    ready = np.zeros((2, 4), np.float32)
+    assert engine.infer(ready)["x"] is ready  # the inline path, no copy
+    engine.close()
+
+    with pytest.raises(RuntimeError, match="Echo is closed"):
+        engine.infer(ready)
 
 
 def test_context_manager_closes_the_engine(onnx_mlp: MlpModelFile):

@@ -358,3 +358,18 @@ def test_tflite_runtime_on_numpy_1_gives_the_numpy_reference(
         for name, x in inputs.items():
             np.testing.assert_allclose(outputs[name], mlp_reference(tflite_mlp.weights, x),
                                        atol=_ATOL)
+
+
+def test_cli_ignores_an_onnx_provider_for_a_tflite_model(tflite_mlp: TfliteMlpFiles,
+                                                          tmp_path: Path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(_batch(2).tolist()))
+    argv = [str(_CONSOLE_SCRIPT), "infer", str(tflite_mlp.tflite_path), "--input", str(data),
+            "--provider", "NoSuchProvider"]
+
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert "--provider applies to ONNX models; ignored" in result.stderr
+    np.testing.assert_allclose(json.loads(result.stdout)["outputs"]["y"],
+                               mlp_reference(tflite_mlp.weights, _batch(2)), atol=_ATOL)
