@@ -255,20 +255,23 @@ def _edge_agent_infer(model: Path, data: Path) -> subprocess.CompletedProcess[st
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_cli_prints_the_numpy_reference_for_a_tflite_model(
+@pytest.mark.parametrize("runtime", ["onnx", "tflite"])
+def test_cli_prints_the_numpy_reference_for_both_twins(
     tflite_mlp: TfliteMlpFiles,
     tmp_path: Path,
+    runtime: str,
 ):
     x = _batch(3, seed=7)
     data = tmp_path / "x.json"
     data.write_text(json.dumps(x.tolist()))
+    model = tflite_mlp.tflite_path if runtime == "tflite" else tflite_mlp.onnx_path
 
-    result = _edge_agent_infer(tflite_mlp.tflite_path, data)
+    result = _edge_agent_infer(model, data)
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the runtime's INFO chatter is logged, not printed
     printed = json.loads(result.stdout)
-    assert printed["model"] == str(tflite_mlp.tflite_path)
+    assert printed["model"] == str(model)
     assert printed["shapes"] == {"y": [3, 3]}
     np.testing.assert_allclose(
         np.array(printed["outputs"]["y"]), mlp_reference(tflite_mlp.weights, x), atol=_ATOL
