@@ -146,18 +146,23 @@ class TfliteEngine(Engine):
             if interpreter is None:
                 raise RuntimeError("TfliteEngine is closed")
             # Not _translate_errors: a generator context manager costs ~1.5 us per call,
-            # more than set_tensor and get_tensor together at batch 1.
+            # more than set_tensor and get_tensor together at batch 1. Plain loops, not
+            # comprehensions (each one a function call on Python 3.11): see Engine.infer.
             try:
-                shapes = tuple(feeds[name].shape for name, _ in self._input_slots)
-                if shapes != self._allocated:
-                    self._fit(interpreter, shapes)
+                shapes = []
+                for name, _ in self._input_slots:
+                    shapes.append(feeds[name].shape)
+                if tuple(shapes) != self._allocated:
+                    self._fit(interpreter, tuple(shapes))
                 for name, index in self._input_slots:
                     interpreter.set_tensor(index, feeds[name])
                 interpreter.invoke()
-                return {
-                    name: _detached(interpreter.get_tensor(index))
-                    for name, index in self._output_slots
-                }
+                outputs = {}
+                for name, index in self._output_slots:
+                    value = interpreter.get_tensor(index)
+                    # get_tensor copies; copy again only if a runtime ever hands out a view
+                    outputs[name] = value if value.flags.owndata else value.copy()
+                return outputs
             except _RUNTIME_ERRORS as exc:
                 raise EngineError(f"inference failed for {self.path.name}: {exc}") from exc
 
@@ -189,7 +194,3 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     shape = tuple(int(dim) if dim >= 0 else None for dim in signature)
     return TensorSpec(name=name, dtype=dtype, shape=shape)
 
-
-def _detached(value: np.ndarray) -> np.ndarray:
-    """``get_tensor`` already copies; copy again only if a runtime ever hands back a view."""
-    return value if value.flags.owndata else value.copy()
