@@ -106,18 +106,20 @@ def _engine_options(
     are checked against the installed onnxruntime only if ONNX models may be run."""
     from agent.runtime import EngineError, EngineOptions, check_providers
 
-    if args.threads is not None and args.threads < 1:
-        print(f"error: --threads must be at least 1, given {args.threads}", file=sys.stderr)
-        return None
     from_env = [p.strip() for p in os.environ.get("EDGE_AGENT_PROVIDERS", "").split(",")]
     providers = args.providers or [name for name in from_env if name]
+    try:
+        options = EngineOptions(providers=tuple(providers) or None, threads=args.threads)
+    except ValueError as exc:  # "threads must be at least 1, given 0"
+        print(f"error: --{exc}", file=sys.stderr)
+        return None
     try:
         if providers and onnx_models:
             check_providers(providers)
     except EngineError as exc:
         print(f"error: --provider: {exc}", file=sys.stderr)
         return None
-    return EngineOptions(providers=tuple(providers) or None, threads=args.threads)
+    return options
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -149,11 +149,12 @@ class TfliteEngine(Engine):
             # more than set_tensor and get_tensor together at batch 1. Plain loops, not
             # comprehensions (each one a function call on Python 3.11): see Engine.infer.
             try:
-                shapes = []
+                fed = []
                 for name, _ in self._input_slots:
-                    shapes.append(feeds[name].shape)
-                if tuple(shapes) != self._allocated:
-                    self._fit(interpreter, tuple(shapes))
+                    fed.append(feeds[name].shape)
+                shapes = tuple(fed)
+                if shapes != self._allocated:
+                    self._fit(interpreter, shapes)
                 for name, index in self._input_slots:
                     interpreter.set_tensor(index, feeds[name])
                 interpreter.invoke()
