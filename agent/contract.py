@@ -214,7 +214,10 @@ class HeartbeatTelemetry(DeviceMessage, kw_only=True):
     cpu_percent: NonNegative
     rss_mb: NonNegative
     inference_count: Int64
+    # Model/runtime failures on valid requests; requests refused as the caller's mistake
+    # (4xx on the local endpoint) are counted apart, so they never look like a bad model.
     error_count: Int64
+    client_error_count: Int64 = 0
     latency_ms_p50: NonNegative | None = None
     latency_ms_p95: NonNegative | None = None
     # The durable outbox: messages waiting for the broker, and drops by priority so far.

@@ -18,7 +18,7 @@ import numpy as np
 
 from agent.contract import to_data
 from agent.installer import LoadedModel
-from agent.runtime.engine import InputData
+from agent.runtime.engine import InputData, InputError
 from agent.stats import InferenceStats
 
 __all__ = ["ModelHost", "NoModelError"]
@@ -78,6 +78,9 @@ class ModelHost:
         started = time.perf_counter()
         try:
             outputs = model.engine.infer(data)
+        except InputError:  # the caller's mistake, not the model's
+            self.stats.record_client_error()
+            raise
         except Exception:
             self.stats.record(time.perf_counter() - started, ok=False)
             raise

@@ -5,6 +5,11 @@ samples, so p50/p95 describe recent behaviour, while the counters cover the whol
 lifetime. Only successful inferences contribute latencies; a request refused in microseconds
 would otherwise pull the percentiles down exactly when something is wrong. All methods are
 safe to call from several threads.
+
+Client errors (a request that does not fit the model: wrong shape, bad JSON, a value the
+runtime refuses as the caller's mistake) are counted apart from model errors (the runtime
+failed on a valid request). Rollouts halt on the model error rate, so a buggy application
+on the device must not make a good model look bad.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class InferenceStats:
         self._latencies: deque[float] = deque(maxlen=window)
         self._count = 0
         self._errors = 0
+        self._client_errors = 0
 
     def record(self, latency_s: float, ok: bool = True) -> None:
         """Count one inference; ``latency_s`` is wall time in seconds (ignored when not ok)."""
@@ -39,10 +45,15 @@ class InferenceStats:
             else:
                 self._errors += 1
 
+    def record_client_error(self) -> None:
+        """Count one request refused as the caller's mistake (a 4xx): not an inference."""
+        with self._lock:
+            self._client_errors += 1
+
     def snapshot(self) -> dict[str, int | float | None]:
         """Counters since start and latency percentiles (ms) over the window; None if empty."""
         with self._lock:
-            count, errors = self._count, self._errors
+            count, errors, client_errors = self._count, self._errors, self._client_errors
             latencies = np.fromiter(self._latencies, dtype=np.float64)
         p50 = p95 = None
         if latencies.size:
@@ -50,6 +61,7 @@ class InferenceStats:
         return {
             "inference_count": count,
             "error_count": errors,
+            "client_error_count": client_errors,
             "latency_ms_p50": p50,
             "latency_ms_p95": p95,
         }
