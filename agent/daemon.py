@@ -87,10 +87,6 @@ def platform_info() -> PlatformInfo:
 DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 # A heartbeat older than this says nothing useful: it expires in the outbox and the broker.
 HEARTBEAT_EXPIRY_S = 24 * 3600
-# Failures that the same bytes will repeat: retrying cannot help, a new desired state can.
-PERMANENT_FAILURES = frozenset(
-    {"health_check_failed", "unsafe_archive", "bad_manifest", "hash_mismatch", "too_large"}
-)
 
 
 @dataclass(frozen=True)
@@ -330,8 +326,8 @@ class AgentDaemon:
             return False
         installed = self.installer.install(desired.bundle, self.host.current)
         if installed is None:
-            reason = self.installer.last_failure_reason
-            if reason not in PERMANENT_FAILURES:
+            error = self.installer.last_error
+            if error is None or not error.final:  # final: the same bytes fail again
                 log.info("will retry the install in %.0fs", self._retry_delay)
                 return True
         else:

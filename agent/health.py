@@ -7,11 +7,17 @@ that pays for the runtime's lazy initialisation.
 Samples live in the bundle as ``samples.npz`` with keys ``input:<name>`` and
 ``expected:<name>``. A model that fails to load, raises, or differs beyond the manifest's
 tolerance is refused before it ever serves a request.
+
+The samples are the bundle's bytes, hence untrusted input: whatever numpy or zipfile raise
+on them (a corrupt zip, a bad CRC, an array header out of bounds, values that cannot be
+compared) is translated here into :class:`HealthCheckError`, which is final: the same
+bytes fail the same way on every try.
 """
 
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +34,16 @@ INPUT_PREFIX = "input:"
 EXPECTED_PREFIX = "expected:"
 
 
+# Bounds the memory a samples file can make the device allocate (the zip's stated sizes
+# are checked before numpy reads a member; numpy allocates from the array header).
+MAX_SAMPLES_BYTES = 64 * 1024 * 1024
+
+
 def load_samples(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with zipfile.ZipFile(path) as archive:
+        stated = sum(info.file_size for info in archive.infolist())
+    if stated > MAX_SAMPLES_BYTES:
+        raise ValueError(f"unpacks to {stated} bytes, over {MAX_SAMPLES_BYTES}")
     with np.load(path, allow_pickle=False) as data:
         inputs = {k[len(INPUT_PREFIX) :]: data[k] for k in data.files if k.startswith(INPUT_PREFIX)}
         expected = {
@@ -44,23 +59,34 @@ def _check(engine: Engine, manifest: BundleManifest, slot: Path) -> None:
         return
     try:
         inputs, expected = load_samples(slot / spec.file)
-    except (OSError, ValueError) as exc:
-        raise HealthCheckError(f"samples file {spec.file} unreadable: {exc}") from exc
+    except Exception as exc:  # untrusted bytes: zipfile, zlib and numpy raise many kinds
+        raise HealthCheckError(
+            f"samples file {spec.file} unreadable: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         outputs = engine.infer(inputs)
     except EngineError as exc:
         raise HealthCheckError(f"model failed on its own samples: {exc}") from exc
+    try:
+        _compare(outputs, expected, spec.rtol, spec.atol)
+    except (TypeError, ValueError) as exc:  # e.g. expected values that are not numbers
+        raise HealthCheckError(f"expected samples cannot be compared: {exc}") from exc
+
+
+def _compare(
+    outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray], rtol: float, atol: float
+) -> None:
     for name, want in expected.items():
         got = outputs.get(name)
         if got is None:
             raise HealthCheckError(f"model has no output {name!r}")
         if got.shape != want.shape:
             raise HealthCheckError(f"output {name!r}: shape {got.shape}, expected {want.shape}")
-        if not np.allclose(got, want, rtol=spec.rtol, atol=spec.atol, equal_nan=True):
+        if not np.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
             worst = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
             raise HealthCheckError(
                 f"output {name!r} differs from the expected samples by up to {worst:.3g} "
-                f"(rtol {spec.rtol}, atol {spec.atol})"
+                f"(rtol {rtol}, atol {atol})"
             )
 
 

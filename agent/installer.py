@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.bundle import extract_bundle, verify_slot
 from agent.contract import BundleManifest, BundleRef, to_data
-from agent.errors import InstallError, ManifestError, UpdateError
+from agent.errors import InstallError, InstallIOError, ManifestError, UpdateError
 from agent.faults import crash_point
 from agent.health import open_checked_engine
 from agent.runtime import Engine, EngineOptions
@@ -62,7 +62,7 @@ class Installer:
         self._client = client  # a factory: the TUF client is built on first use
         self.emit = emit
         self.max_bundle_bytes = max_bundle_bytes
-        self.last_failure_reason: str | None = None
+        self.last_error: UpdateError | None = None  # why the last install failed
 
     # ------------------------------------------------------------------ start-up
 
@@ -116,6 +116,7 @@ class Installer:
             return current
         detail: dict[str, Any] = {"bundle": to_data(ref)}
         engine = None
+        self.last_error = None
         try:
             staged, manifest = self._stage_from_inactive(ref) or self._stage_from_fleet(
                 ref, detail
@@ -123,13 +124,14 @@ class Installer:
             engine = self._open(self.slots.path(staged), manifest)
             crash_point("after_health_check")
             self.slots.activate(staged)
-        except (UpdateError, OSError) as exc:
+        except Exception as exc:
             if engine is not None:
                 engine.close()
-            reason = exc.reason if isinstance(exc, UpdateError) else "io_error"
-            self.last_failure_reason = reason
-            log.error("install of %s v%d failed: %s", ref.name, ref.version, exc)
-            self.emit("failed", **detail, reason=reason, detail=str(exc))
+            error = _as_update_error(exc)
+            self.last_error = error
+            log.error("install of %s v%d failed: %s", ref.name, ref.version, error,
+                      exc_info=error is not exc and not isinstance(exc, OSError))
+            self.emit("failed", **detail, reason=error.reason, detail=str(error))
             return None
         self.emit("healthy", **detail, slot=staged)
         log.info("now serving %s v%d from slot %s", ref.name, ref.version, staged)
@@ -190,6 +192,22 @@ class Installer:
         path.unlink(missing_ok=True)  # the slot holds it now
         self.emit("installed", **detail, slot=slot)
         return slot, manifest
+
+
+def _as_update_error(exc: Exception) -> UpdateError:
+    """The boundary of an install: every failure leaves it as one of ours, with a reason.
+
+    A disk error is ``io_error``; anything else unexpected (a bug, a library raising what it
+    does not document) is ``install_failed``, not final: it is logged with its traceback
+    and retried with backoff, never lost and never a crashed worker."""
+    if isinstance(exc, UpdateError):
+        return exc
+    if isinstance(exc, OSError):
+        error: UpdateError = InstallIOError(str(exc))
+    else:
+        error = InstallError(f"unexpected {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 class _ProgressLog:

@@ -256,3 +256,30 @@ def test_rollback_switches_to_the_previous_slot(repo_server, device_side, servin
     back = device_side.installer.rollback()
     assert back.manifest.ref == V1
     assert device_side.installer.slots.active() == serving_v1.slot
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda data: data[: len(data) // 2],  # truncated: not a zip any more
+        lambda data: data[:200] + bytes([data[200] ^ 0x01]) + data[201:],  # bad CRC-32
+        lambda data: b"\0" * len(data),  # numpy's pickle guess
+    ],
+    ids=["truncated", "bit_flip", "zeros"],
+)
+def test_bundle_with_corrupt_samples_fails_once_as_final(
+    repo_server, device_side, serving_v1, make_bundle, tmp_path, corrupt
+):
+    """Validly signed and listed, but samples.npz is not a readable npz: one ``failed``
+    event naming the file, final (the same bytes fail again), and v1 serves on."""
+    members = read_members(make_bundle(version=2, seed=1).path)
+    index = next(i for i, (info, _) in enumerate(members) if info.name == "samples.npz")
+    members[index] = (members[index][0], corrupt(members[index][1]))
+    bad = write_members(tmp_path / "corrupt-samples.bundle", relist(members))
+    repo_server.publish_raw(bad, "detector-2.bundle")
+
+    failure = refused(device_side, serving_v1, "health_check_failed", match="samples.npz")
+
+    assert device_side.failures() == [failure], "exactly one failed event"
+    assert device_side.installer.last_error is not None
+    assert device_side.installer.last_error.final
