@@ -1,8 +1,6 @@
 """The local inference endpoint: HTTP for applications on the device.
 
-Standard library only (``http.server``): the agent stays small on the device, and the
-transport costs are the kernel's, not a framework's. HTTP/1.1 keep-alive, a thread per
-connection. Routes:
+Routes:
 
 * ``POST /v1/infer``: ``application/json`` body ``{"inputs": [...]}`` or
   ``{"inputs": {"name": [...]}}``; or ``application/x-npy`` (one array, single-input models)
@@ -14,16 +12,29 @@ connection. Routes:
 * ``GET /v1/model``: active name, version, runtime, slot and schemas.
 * ``GET /healthz``.
 
-Errors are JSON ``{"error": "..."}`` with 400 (malformed body), 404, 411/413 (length),
-415 (content type), 422 (input does not fit the model), 503 (no model yet, or too many
-connections), 500 (the runtime failed). Never a stack trace to the client; the agent keeps
-serving.
+Errors are JSON ``{"error": "..."}``: 400 (malformed request or body), 404, 405 (with
+``Allow``), 408 (too slow), 411/413 (length), 415 (content type), 422 (the input does not
+fit the model), 431 (headers too large), 503 (no model yet, or too many connections), 500
+(the runtime failed). Never a stack trace to the client, never a connection closed without
+an answer; the agent keeps serving. Every 4xx is counted once as a client error
+(``InferenceStats.record_client_error``), never as a model error: rollouts halt on the
+model error rate, and a buggy application must not make a good model look bad. The
+requests :class:`ModelHost` refuses as not fitting the model it counts itself; the
+endpoint counts the rest.
 
-Bounded: at most ``max_connections`` connections are served at once (a thread each). One
-more is answered 503 and closed as soon as it sends its request, and dropped after
-``REFUSED_TIMEOUT_S`` if it sends nothing, so the threads an application leaking
-connections can pile up live seconds, not forever. A served connection idle for
-``IDLE_TIMEOUT_S`` is closed.
+The HTTP layer (``agent.serve_http``: asyncio and httptools, with every size and time
+limit) is apart from what is served here, so each can be read and tested on its own terms.
+
+Where inference runs: on the event loop while it is cheap, in a thread pool when it is not.
+A hand-off to a pool thread and back costs two thread wake-ups and a GIL exchange, tens of
+microseconds on a small device: as much as a batch-1 inference of a small model, which is
+what the device mostly serves. But an inference on the loop stalls every other connection
+(health checks included) for its duration, and ONNX Runtime sessions run concurrently on
+several cores only from several threads. So a request goes to the pool when its body is
+large (decoding it takes time too) or when recent inferences took longer than
+``inline_budget_s`` (1 ms by default: a stall short enough for the other clients, a
+hand-off too dear for it). TFLite interpreters are not thread-safe: their engine
+serialises ``invoke``, so in the pool their requests queue there, and the loop stays free.
 """
 
 from __future__ import annotations
@@ -32,30 +43,46 @@ import ipaddress
 import json
 import logging
 import os
-import socketserver
-import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 
-from agent.npy import dump_npy, load_npy
+from agent.npy import NpyError, NpyTooLargeError, dump_npy, load_array_body
 from agent.runtime import EngineError, InputError
+from agent.serve_http import HttpLimits, HttpServer, Request, Response
 from agent.serving import ModelHost, NoModelError
 
-__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "InferenceEndpoint"]
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "EndpointTimeouts", "InferenceEndpoint"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_INLINE_BUDGET_S = 0.001
+INLINE_MAX_BODY_BYTES = 256 * 1024
 IDLE_TIMEOUT_S = 120.0
 REFUSED_TIMEOUT_S = 5.0
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
+JSON = "application/json"
+TOO_LARGE_ADVICE = ("raise it with --max-request-mb, or send large batches as .npy "
+                    f"({NPY}): a third of the size of the same numbers in JSON")
+
+
+@dataclass(frozen=True)
+class EndpointTimeouts:
+    """Seconds each phase of a connection may take before it is closed."""
+
+    head_s: float = 10.0  # request line and headers
+    body_s: float = 60.0  # the body: 16 MB at ~2 Mbit/s
+    idle_s: float = IDLE_TIMEOUT_S  # between requests on a kept-alive connection
+    refused_s: float = REFUSED_TIMEOUT_S  # a connection over the limit, to say its request
 
 
 class _RequestError(Exception):
@@ -64,156 +91,90 @@ class _RequestError(Exception):
         self.status = status
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out as two writes; with Nagle on, the second waits for the
-    # client's delayed ACK: 40 ms per keep-alive request. TCP_NODELAY removes that.
-    disable_nagle_algorithm = True
-    # Buffered writes: status line, headers and body leave in one send, flushed by
-    # http.server after each request. Unbuffered, headers and body are two sends, and the
-    # client wakes up twice per response (on a VM, each wake-up costs tens of us).
-    wbufsize = 256 * 1024
-    server_version = "edgefleet-agent"
-    timeout = IDLE_TIMEOUT_S  # socket timeout: an idle keep-alive connection is closed
-    host: ModelHost
-    max_request_bytes: int
-    connection_slots: threading.BoundedSemaphore
-    max_connections: int
+_json_encoder = msgspec.json.Encoder()
+_json_decoder = msgspec.json.Decoder()
 
-    # -- plumbing ---------------------------------------------------------------------
 
-    def setup(self) -> None:
-        super().setup()
-        self._admitted = self.connection_slots.acquire(blocking=False)
-        if not self._admitted:  # it only gets to say its request, then the 503
-            self.connection.settimeout(REFUSED_TIMEOUT_S)
+def _json(status: int, payload: Any, *headers: tuple[str, str]) -> Response:
+    return Response(status, _json_encoder.encode(payload), JSON, headers)
 
-    def finish(self) -> None:
+
+class _Routes:
+    """The endpoint's application: one request in, one :class:`Response` out (or a function
+    making it in the pool). Counts every 4xx it answers except those ModelHost counted."""
+
+    def __init__(self, host: ModelHost, max_request_bytes: int, inline_budget_s: float) -> None:
+        self.host = host
+        self.max_request_bytes = max_request_bytes
+        self.inline_budget_s = inline_budget_s
+        self.recent_infer_s = 0.0  # moving average of inference time; races are harmless
+        self._get: dict[str, Callable[[], Response]] = {
+            "/healthz": self._health, "/v1/model": self._model,
+        }
+
+    def __call__(self, request: Request) -> Response | Callable[[], Response]:
+        path = request.target.partition("?")[0]
+        if path == "/v1/infer":
+            if request.method != "POST":
+                return self._refuse(HTTPStatus.METHOD_NOT_ALLOWED,
+                                    f"{request.method} {path}: use POST", ("Allow", "POST"))
+            if (len(request.body) > INLINE_MAX_BODY_BYTES
+                    or self.recent_infer_s > self.inline_budget_s):
+                return partial(self._infer, request)
+            return self._infer(request)
+        route = self._get.get(path)
+        if route is None:
+            return self._refuse(HTTPStatus.NOT_FOUND, f"no route {path}")
+        if request.method != "GET":
+            return self._refuse(HTTPStatus.METHOD_NOT_ALLOWED,
+                                f"{request.method} {path}: use GET", ("Allow", "GET"))
+        return route()
+
+    def _refuse(self, status: HTTPStatus, message: str, *headers: tuple[str, str]) -> Response:
+        self.host.stats.record_client_error()
+        return _json(status, {"error": message}, *headers)
+
+    def _health(self) -> Response:
+        return _json(HTTPStatus.OK, {"status": "ok", "model": self.host.current is not None})
+
+    def _model(self) -> Response:
+        described = self.host.describe()
+        if described is None:
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no model is installed yet"})
+        return _json(HTTPStatus.OK, described)
+
+    def _infer(self, request: Request) -> Response:
         try:
-            super().finish()
-        finally:
-            if self._admitted:
-                self.connection_slots.release()
-
-    def parse_request(self) -> bool:
-        """A connection over the limit gets one 503 (after its body is read) and is closed."""
-        if not super().parse_request():
-            return False
-        if self._admitted:
-            return True
-        self.close_connection = True
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit():
-            self._discard(int(length))
-        message = (f"too many connections to the agent (limit {self.max_connections}); "
-                   "reuse a connection or retry")
-        self._send(HTTPStatus.SERVICE_UNAVAILABLE, _json_encoder.encode({"error": message}),
-                   "application/json", Connection="close")
-        return False
-
-    def handle_expect_100(self) -> bool:
-        """The client waits for this before sending the body: it cannot sit in the buffer."""
-        accepted = super().handle_expect_100()
-        self.wfile.flush()
-        return accepted
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def address_string(self) -> str:
-        return self.client_address[0] if self.client_address else "unix"
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: HTTPStatus, payload: Any) -> None:
-        self._send(status, _json_encoder.encode(payload), "application/json")
-
-    def _error(self, status: HTTPStatus, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise _RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        try:
-            size = int(length)
-        except ValueError:
-            raise _RequestError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-        if size > self.max_request_bytes:
-            self._discard(size)
-            raise _RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"request body of {size} bytes is over the {self.max_request_bytes}-byte limit",
-            )
-        return self.rfile.read(size)
-
-    def _discard(self, size: int) -> None:
-        """Read a refused body so the client sees our 413, not a reset; a body far over the
-        limit is not worth reading: close the connection instead."""
-        if size > 8 * self.max_request_bytes:
-            self.close_connection = True
-            return
-        while size > 0:
-            chunk = self.rfile.read(min(size, 1 << 16))
-            if not chunk:
-                break
-            size -= len(chunk)
-
-    # -- routes -----------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        if self.path == "/healthz":
-            self._json(HTTPStatus.OK, {"status": "ok", "model": self.host.current is not None})
-        elif self.path == "/v1/model":
-            described = self.host.describe()
-            if described is None:
-                self._error(HTTPStatus.SERVICE_UNAVAILABLE, "no model is installed yet")
-            else:
-                self._json(HTTPStatus.OK, described)
-        else:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
-
-    def do_POST(self) -> None:
-        if self.path != "/v1/infer":
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
-            return
-        try:
-            inputs = self._parse_inputs()
-            outputs, model = self.host.infer(inputs)
+            inputs = self._parse_inputs(request)
         except _RequestError as exc:
-            self._error(exc.status, str(exc))
-            return
-        except InputError as exc:
-            self._error(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc))
-            return
+            return self._refuse(exc.status, str(exc))
+        started = time.perf_counter()
+        try:
+            outputs, model = self.host.infer(inputs)
+        except InputError as exc:  # counted by ModelHost
+            return _json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc)})
         except NoModelError as exc:
-            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
-            return
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
         except EngineError as exc:
             log.error("inference failed: %s", exc)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the model failed: {exc}")
-            return
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the model failed: {exc}"})
+        self.recent_infer_s = 0.8 * self.recent_infer_s + 0.2 * (time.perf_counter() - started)
         name, version = model.manifest.name, model.manifest.version
-        if self.headers.get("Accept") == NPY and len(outputs) == 1:
-            self._send(HTTPStatus.OK, dump_npy(next(iter(outputs.values()))), NPY,
-                       X_Model_Name=name, X_Model_Version=str(version))
-            return
-        self._json(HTTPStatus.OK, {
+        if request.headers.get("accept") == NPY and len(outputs) == 1:
+            return Response(HTTPStatus.OK, dump_npy(next(iter(outputs.values()))), NPY,
+                            (("X-Model-Name", name), ("X-Model-Version", str(version))))
+        return _json(HTTPStatus.OK, {
             "model": {"name": name, "version": version},
             "outputs": {key: value.tolist() for key, value in outputs.items()},
         })
 
-    def _parse_inputs(self) -> Any:
-        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-        body = self._body()
-        if content_type in ("application/json", ""):
+    def _parse_inputs(self, request: Request) -> Any:
+        headers = request.headers
+        if "content-length" not in headers and "transfer-encoding" not in headers:
+            raise _RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        body = request.body
+        if content_type in (JSON, ""):
             document = _decode_json(body)
             if not isinstance(document, dict) or "inputs" not in document:
                 raise _RequestError(
@@ -223,37 +184,34 @@ class _Handler(BaseHTTPRequestHandler):
             return document["inputs"]
         if content_type in (NPY, NPZ):
             try:
-                loaded = load_npy(body)
-            except (ValueError, OSError, EOFError) as exc:
+                return load_array_body(body, self.max_request_bytes)
+            except NpyTooLargeError as exc:
+                raise _RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                    f"{exc} ({TOO_LARGE_ADVICE})") from None
+            except NpyError as exc:
                 raise _RequestError(
                     HTTPStatus.BAD_REQUEST, f"body is not a valid {content_type}: {exc}"
                 ) from None
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                with loaded:
-                    return {name: loaded[name] for name in loaded.files}
-            return loaded
         raise _RequestError(
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-            f"Content-Type {content_type!r}: use application/json, {NPY} or {NPZ}",
+            f"Content-Type {content_type!r}: use {JSON}, {NPY} or {NPZ}",
         )
-
-
-_json_encoder = msgspec.json.Encoder()
-_json_decoder = msgspec.json.Decoder()
 
 
 def _decode_json(body: bytes) -> Any:
     """msgspec first (a tenth of the json module's time for arrays of numbers); what it
     refuses goes to the json module, which also reads the NaN and Infinity that Python's
     json.dumps writes (then refused or not by the model's NaN policy), and which words the
-    error when the body really is malformed."""
+    error when the body really is malformed. Every failure is the body's: ``ValueError``
+    covers bad UTF-8, bad syntax and integers too long to convert (Python's 4300-digit
+    limit), ``RecursionError`` deep nesting."""
     try:
         return _json_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):  # deep nesting raises the latter
+    except (msgspec.DecodeError, RecursionError):
         pass
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise _RequestError(HTTPStatus.BAD_REQUEST, f"malformed JSON: {exc}") from None
 
 
@@ -266,16 +224,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-    def get_request(self):  # BaseHTTPRequestHandler expects a (host, port)-like address
-        request, _ = super().get_request()
-        return request, ("unix", 0)
-
-
 class InferenceEndpoint:
-    """Serves :class:`ModelHost` on ``host:port`` (TCP) or a Unix socket path."""
+    """Serves :class:`ModelHost` on ``host:port`` (TCP) or a Unix socket path (mode 0660).
+
+    Bound by the constructor (a taken port fails at start-up); serving from :meth:`start`
+    until :meth:`stop`."""
 
     def __init__(
         self,
@@ -285,34 +238,33 @@ class InferenceEndpoint:
         socket_path: Path | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        timeouts: EndpointTimeouts | None = None,
+        inline_budget_s: float = DEFAULT_INLINE_BUDGET_S,
     ) -> None:
         if (address is None) == (socket_path is None):
             raise ValueError("give exactly one of address or socket_path")
-        handler = type("Handler", (_Handler,), {
-            "host": host,
-            "max_request_bytes": max_request_bytes,
-            "connection_slots": threading.BoundedSemaphore(max_connections),
-            "max_connections": max_connections,
-            "disable_nagle_algorithm": socket_path is None,  # TCP_NODELAY is TCP only
-        })
+        timeouts = timeouts or EndpointTimeouts()
+        limits = HttpLimits(
+            max_body_bytes=max_request_bytes, max_connections=max_connections,
+            head_timeout_s=timeouts.head_s, body_timeout_s=timeouts.body_s,
+            idle_timeout_s=timeouts.idle_s, refused_timeout_s=timeouts.refused_s,
+            too_large_advice=TOO_LARGE_ADVICE,
+        )
+        routes = _Routes(host, max_request_bytes, inline_budget_s)
+        self._server = HttpServer(
+            routes, limits, address=address, socket_path=socket_path,
+            pool_threads=min(4, os.cpu_count() or 1),
+            on_client_error=host.stats.record_client_error,
+        )
         self._exposed = address is not None and not _is_loopback(address[0])
         if socket_path is not None:
-            if socket_path.exists():
-                socket_path.unlink()  # a stale socket from a previous run
-            self._server: socketserver.BaseServer = _UnixHTTPServer(str(socket_path), handler)
-            os.chmod(socket_path, 0o660)
             self.where = f"unix:{socket_path}"
         else:
-            server = ThreadingHTTPServer(address, handler)
-            server.daemon_threads = True
-            self._server = server
-            self.where = f"http://{address[0]}:{server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="endpoint", daemon=True
-        )
+            assert address is not None
+            self.where = f"http://{address[0]}:{self._server.address[1]}"
 
     def start(self) -> InferenceEndpoint:
-        self._thread.start()
+        self._server.start()
         log.info("inference endpoint on %s", self.where)
         if self._exposed:
             log.warning(
@@ -324,5 +276,4 @@ class InferenceEndpoint:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

@@ -14,19 +14,46 @@ dict lookup instead of a regex, and a response is its cached header plus the arr
 instead of ``np.save``'s ~30 us of header formatting. The caches are bounded
 (:data:`HEADER_CACHE_SIZE` each, emptied when full), so a client sending ever-new shapes
 costs memory of one cache at most.
+
+Bodies are untrusted, and both formats declare sizes before the data: an ``.npy`` header
+can claim 4·10¹² elements in a few bytes (``np.load`` allocates that before it reads), and
+an ``.npz`` member can inflate a thousandfold (deflate's limit). So the declared size is
+checked against what the body can hold before anything is allocated: an ``.npy`` array
+must fit in the bytes after its header, and an ``.npz`` must declare no more than
+``max_bytes`` uncompressed in all, is read with that bound whatever it declared, and may
+only use the two compressions ``np.savez``/``np.savez_compressed`` write (bzip2 and LZMA
+decompress without a bound per call in ``zipfile``). Every failure is a
+:class:`NpyError` (a ``ValueError``) with a reason; :class:`NpyTooLargeError` when the
+body is well-formed but asks for more than the limit.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["HEADER_CACHE_SIZE", "dump_npy", "load_npy"]
+__all__ = [
+    "HEADER_CACHE_SIZE",
+    "MAX_NPZ_MEMBERS",
+    "NpyError",
+    "NpyTooLargeError",
+    "dump_npy",
+    "load_array_body",
+    "load_npy",
+    "load_npz",
+]
 
 HEADER_CACHE_SIZE = 256
+MAX_NPZ_MEMBERS = 64  # a model's inputs; the zip directory is parsed only below this
+_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_END = b"PK\x05\x06"  # end of central directory record, 22 bytes + a comment
+_ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 _MAGIC_1_0 = b"\x93NUMPY\x01\x00"
 _PREFIX = len(_MAGIC_1_0) + 2  # magic, then the header's length as little-endian uint16
 # What np.save writes for a C-order array of bools, integers or floats.
@@ -47,10 +74,107 @@ _read_layouts: dict[bytes, _Layout] = {}
 _written_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
+class NpyError(ValueError):
+    """The body is not a readable ``.npy``/``.npz``; the message says why."""
+
+
+class NpyTooLargeError(NpyError):
+    """The body declares more data than the limit allows."""
+
+
+def load_array_body(body: bytes, max_bytes: int) -> np.ndarray | dict[str, np.ndarray]:
+    """An ``.npz`` body (by its zip signature) as arrays by name, else an ``.npy`` array."""
+    if body.startswith(_ZIP_MAGIC) or body.startswith(_ZIP_END):
+        return load_npz(body, max_bytes)
+    return load_npy(body)
+
+
 def load_npy(body: bytes) -> np.ndarray:
-    """The array in ``body``; raises ``ValueError``/``OSError``/``EOFError`` as ``np.load``."""
+    """The array in ``body``; raises :class:`NpyError` for what ``np.load`` cannot read and
+    for a header declaring more data than the body holds (before allocating it)."""
     fast = _view(body)
-    return fast if fast is not None else np.load(io.BytesIO(body), allow_pickle=False)
+    if fast is not None:
+        return fast
+    stream = io.BytesIO(body)
+    try:
+        _check_declared_size(stream, len(body))
+        stream.seek(0)
+        return np.load(stream, allow_pickle=False)
+    except NpyError:
+        raise
+    except (ValueError, OSError, EOFError, MemoryError) as exc:
+        raise NpyError(str(exc) or type(exc).__name__) from exc
+
+
+def _check_declared_size(stream: io.BytesIO, size: int) -> None:
+    """``np.load`` allocates what the header declares, then reads: refuse a header that
+    declares more than the body has."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    if dtype.hasobject:
+        return  # np.load refuses it without allow_pickle, before reading
+    declared = math.prod(shape) * dtype.itemsize
+    available = size - stream.tell()
+    if declared > available:
+        raise NpyError(
+            f"the .npy header declares shape {shape} of {dtype}, {declared} bytes, but the "
+            f"body has {available} bytes of data"
+        )
+
+
+def load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` body by name (``x.npy`` is ``x``), decompressing at most
+    ``max_bytes`` in all."""
+    _check_member_count(body)
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            members = archive.infolist()
+            _check_members(members, max_bytes)
+            return {
+                member.filename.removesuffix(".npy"): load_npy(_read_member(archive, member))
+                for member in members
+            }
+    except NpyError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, RuntimeError,
+            NotImplementedError) as exc:
+        raise NpyError(f"not a readable .npz: {exc}") from exc
+
+
+def _check_member_count(body: bytes) -> None:
+    """``zipfile`` builds an object per directory entry: count them before it does."""
+    end = body.rfind(_ZIP_END, max(0, len(body) - 22 - 0xFFFF))
+    if end < 0 or len(body) < end + 22:
+        raise NpyError("not a readable .npz: no zip directory at the end of the body")
+    entries = int.from_bytes(body[end + 10 : end + 12], "little")
+    if entries > MAX_NPZ_MEMBERS:
+        raise NpyError(f".npz with {entries} members: at most {MAX_NPZ_MEMBERS}")
+
+
+def _check_members(members: list[zipfile.ZipInfo], max_bytes: int) -> None:
+    for member in members:
+        if member.compress_type not in _ZIP_METHODS:
+            raise NpyError(
+                f".npz member {member.filename!r} uses zip compression {member.compress_type}: "
+                "write it with np.savez or np.savez_compressed"
+            )
+    declared = sum(member.file_size for member in members)
+    if declared > max_bytes:
+        raise NpyTooLargeError(
+            f".npz members declare {declared} bytes uncompressed, over the {max_bytes}-byte limit"
+        )
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
+    """At most what the member declared (``zipfile`` stops there and checks the CRC)."""
+    with archive.open(member) as stream:
+        data = stream.read(member.file_size + 1)
+    if len(data) != member.file_size:
+        raise NpyError(f".npz member {member.filename!r} is not the size it declares")
+    return data
 
 
 def dump_npy(array: np.ndarray) -> bytes:
