@@ -5,13 +5,16 @@ class, so what the tests exercise is what a newcomer gets. It runs in the foregr
 child process (no ``-d``: no pid file or privilege drop to manage) and is configured so it
 cannot lose QoS 1 traffic to a slow consumer: Mosquitto's default ``max_queued_messages``
 of 1000 silently drops messages beyond it.
+
+Given the production broker directory (``deploy/mosquitto``), it runs that directory's
+``mosquitto.conf`` with only the port and the paths changed, and makes accounts with its
+``add-account.sh``: the test suite exercises the shipped broker set-up, not a lookalike.
 """
 
 from __future__ import annotations
 
 import ctypes
 import getpass
-import secrets
 import shutil
 import signal
 import socket
@@ -19,8 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["BrokerNotFound", "LocalBroker", "free_port"]
+__all__ = ["BrokerNotFound", "LocalBroker", "free_port", "production_config"]
 
 
 class BrokerNotFound(RuntimeError):
@@ -54,6 +58,44 @@ def find_mosquitto() -> str:
     return found
 
 
+def find_dynamic_security_plugin(configured: str) -> str:
+    """The configured plugin path, or the same library where this system keeps it."""
+    if Path(configured).exists():
+        return configured
+    name = Path(configured).name
+    directories = [Path("/usr/lib"), Path("/usr/local/lib"), Path("/usr/lib64")]
+    for found in [d / name for d in directories] + sorted(Path("/usr/lib").glob(f"*/{name}")):
+        if found.exists():
+            return str(found)
+    raise BrokerNotFound(f"Mosquitto's dynamic-security plugin ({name}) is not installed")
+
+
+def production_config(
+    template: str, *, port: int, work_dir: Path, user: str, persistence: bool = True
+) -> str:
+    """``deploy/mosquitto/mosquitto.conf`` with only the port, the paths and the user changed:
+    a loopback listener on ``port``, every file under ``work_dir``, log to stderr."""
+    replaced = {
+        "listener": f"{port} 127.0.0.1",
+        "user": user,
+        "pid_file": str(work_dir / "mosquitto.pid"),
+        "persistence": "true" if persistence else "false",
+        "persistence_location": f"{work_dir}/",
+        "plugin_opt_config_file": str(work_dir / "dynamic-security.json"),
+    }
+    lines = []
+    for line in template.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key in replaced:
+            line = f"{key} {replaced[key]}"
+        elif key == "plugin":
+            line = f"plugin {find_dynamic_security_plugin(value.strip())}"
+        elif key == "log_dest":
+            continue  # the log goes to stderr, which start() keeps in mosquitto.log
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 class LocalBroker:
     def __init__(
         self,
@@ -62,16 +104,17 @@ class LocalBroker:
         *,
         extra_config: str = "",
         persistence: bool = True,
-        acl_file: Path | None = None,
+        deploy_dir: Path | None = None,
     ) -> None:
-        """With ``acl_file`` the broker takes only accounts added by :meth:`add_account`
-        and enforces that ACL (``deploy/mosquitto/edgefleet.acl`` in production)."""
+        """With ``deploy_dir`` (``deploy/mosquitto``) the broker runs the production
+        configuration and takes only accounts added by :meth:`add_account`; without it, it
+        is open to anyone on loopback."""
         self.work_dir = work_dir
         self.port = port or free_port()
         self.extra_config = extra_config
         self.persistence = persistence
-        self.acl_file = acl_file
-        self.password_file = work_dir / "passwd"
+        self.deploy_dir = deploy_dir
+        self.config_path = work_dir / "mosquitto.conf"
         self.passwords: dict[str, str] = {}
         self.log_path = work_dir / "mosquitto.log"
         self._process: subprocess.Popen | None = None
@@ -93,37 +136,44 @@ class LocalBroker:
             self.add_account(user)
         return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{self.port}"
 
-    def add_account(self, user: str, password: str | None = None) -> str:
-        """Add an account with ``mosquitto_passwd`` and make a running broker reload."""
-        password = password or secrets.token_urlsafe(18)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-        if not self.password_file.exists():
-            self.password_file.touch(mode=0o600)
-        subprocess.run([tool, "-b", str(self.password_file), user, password], check=True,
-                       capture_output=True)
+    def add_account(self, user: str) -> str:
+        """Add an account (or give it a new password) with the production
+        ``add-account.sh``, on the running broker; returns its password."""
+        if self.deploy_dir is None:
+            raise RuntimeError("an open broker has no accounts (start it with deploy_dir)")
+        if self.pid is None:
+            raise RuntimeError("accounts are added on the running broker: start it first")
+        url = self._account_script(user, str(self.config_path), "127.0.0.1")
+        password = unquote(urlsplit(url).password or "")
         self.passwords[user] = password
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGHUP)  # reloads accounts and the ACL
-            time.sleep(0.2)
         return password
+
+    def _account_script(self, *args: str) -> str:
+        assert self.deploy_dir is not None
+        done = subprocess.run(
+            ["bash", str(self.deploy_dir / "add-account.sh"), *args],
+            capture_output=True, text=True, timeout=60,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"add-account.sh {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout.strip()
 
     def _write_config(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Keep running as whoever started us: no drop to a `mosquitto` user that could
+        # not write our directory.
+        user = getpass.getuser()
+        if self.deploy_dir is not None:
+            text = production_config(
+                (self.deploy_dir / "mosquitto.conf").read_text(), port=self.port,
+                work_dir=self.work_dir, user=user, persistence=self.persistence,
+            )
+            self.config_path.write_text(text + self.extra_config)
+            return self.config_path
         lines = [
             f"listener {self.port} 127.0.0.1",
-            *(
-                [
-                    "allow_anonymous false",
-                    f"password_file {self.password_file}",
-                    f"acl_file {self.acl_file}",
-                ]
-                if self.acl_file is not None
-                else ["allow_anonymous true"]
-            ),
-            # Keep running as whoever started us: no drop to a `mosquitto` user that could
-            # not write our directory.
-            f"user {getpass.getuser()}",
+            "allow_anonymous true",
+            f"user {user}",
             "max_queued_messages 1000000",
             "max_inflight_messages 100",
             "log_type error",
@@ -133,17 +183,15 @@ class LocalBroker:
         ]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.work_dir}/"]
-        config = self.work_dir / "mosquitto.conf"
-        config.write_text("\n".join(lines) + "\n" + self.extra_config)
-        return config
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra_config)
+        return self.config_path
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         if self._process is not None and self._process.poll() is None:
             return self
-        if self.acl_file is not None and not self.password_file.exists():
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.password_file.touch(mode=0o600)
         config = self._write_config()
+        if self.deploy_dir is not None and not (self.work_dir / "dynamic-security.json").exists():
+            self._account_script("--init", str(config))
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 [find_mosquitto(), "-c", str(config)],

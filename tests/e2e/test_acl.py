@@ -45,7 +45,7 @@ def test_broker_refuses_a_device_publishing_as_another(fleet_server, mosquitto):
 def test_a_device_cannot_read_another_devices_desired_state(mosquitto):
     received: list[str] = []
     mosquitto.url_for("dev-a")
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="reader",
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="edgefleet-agent-dev-a",
                          protocol=paho.MQTTv5)
     client.username_pw_set("dev-a", mosquitto.passwords["dev-a"])
     client.on_message = lambda c, u, message: received.append(message.topic)
