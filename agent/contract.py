@@ -63,11 +63,13 @@ __all__ = [
     "SignedDesiredState",
     "StatusMessage",
     "TensorSchema",
+    "check_free_json",
     "convert",
     "decode",
     "decode_desired",
     "decode_device_message",
     "encode",
+    "fit_detail",
     "is_valid_device_id",
     "parse_topic",
     "to_data",
@@ -85,19 +87,30 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_DRIFT_FEATURES = 256
 MAX_HISTOGRAM_BINS = 512
 MAX_EVENT_DETAIL_KEYS = 32
+# Free JSON (an event's ``detail``) is bounded in depth, width and text as well as in bytes:
+# a few kilobytes of '[' are enough to exhaust a parser's stack.
+MAX_DETAIL_DEPTH = 4
+MAX_DETAIL_ITEMS = 64
+MAX_DETAIL_TEXT = 4096
 
+# Patterns end in ``\Z``, not ``$``: msgspec matches with Python's ``re.search``, where
+# ``$`` also matches before a final newline ("dev-a\n" would pass as "dev-a").
 # MQTT-safe: no '/', '+', '#', no leading '$', no whitespace; also a safe file name.
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 DeviceId = Annotated[str, Meta(pattern=DEVICE_ID_PATTERN)]
-ShortText = Annotated[str, Meta(max_length=256)]
+# Text from a device is printable: no control characters (PostgreSQL refuses a NUL in
+# text, and the others only hide things in logs and terminals) and no lone surrogates
+# (JSON can spell them, UTF-8 cannot store them).
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f\ud800-\udfff]*\Z"
+ShortText = Annotated[str, Meta(max_length=256, pattern=TEXT_PATTERN)]
 # Finite: JSON has no NaN, and a number like 1e999 (infinity) fails the upper bound.
 NonNegative = Annotated[float, Meta(ge=0, le=1.7976931348623157e308)]
 # Versions fit a 32-bit signed INTEGER column; generations, seqs and counters a BIGINT.
 Version = Annotated[int, Meta(ge=0, lt=2**31)]
 Int64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Count = Annotated[int, Meta(ge=0)]
-Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
-BundleName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+BundleName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")]
 # Timestamps carry their zone: a naive time from a device is ambiguous, so it is refused.
 Timestamp = Annotated[datetime, Meta(tz=True)]
 
@@ -227,8 +240,71 @@ class HeartbeatTelemetry(DeviceMessage, kw_only=True):
 
 class EventMessage(DeviceMessage, kw_only=True):
     kind: Literal["event"] = "event"
-    event: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    event: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}\Z")]
     detail: Annotated[dict[ShortText, Any], Meta(max_length=MAX_EVENT_DETAIL_KEYS)] = {}
+
+    def __post_init__(self) -> None:
+        check_free_json(self.detail, "detail")
+
+
+# Multi-line text is fine in free JSON (an error message from a runtime); other control
+# characters and lone surrogates are not.
+_FREE_TEXT_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def fit_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an event's detail that :func:`check_free_json` accepts: text cut to its
+    bound with control characters replaced, anything nested too deep turned into text.
+
+    For the device's own events: an error message from a runtime can be long or hold any
+    byte, and an event must still be sent (its reason matters more than its detail)."""
+
+    def fit(value: Any, depth: int) -> Any:
+        if isinstance(value, str):
+            return _FREE_TEXT_FORBIDDEN.sub("\ufffd", value[:MAX_DETAIL_TEXT])
+        if isinstance(value, dict | list | tuple):
+            if depth >= MAX_DETAIL_DEPTH - 1:
+                return fit(repr(value), depth)
+            items = list(value.items() if isinstance(value, dict) else enumerate(value))
+            fitted = [(k, fit(v, depth + 1)) for k, v in items[:MAX_DETAIL_ITEMS]]
+            if isinstance(value, dict):
+                return {fit_key(k): v for k, v in fitted}
+            return [v for _, v in fitted]
+        return value
+
+    def fit_key(key: Any) -> str:
+        return re.sub(r"[\x00-\x1f\x7f\ud800-\udfff]", "\ufffd", str(key))[:256]
+
+    return {fit_key(k): fit(v, 1) for k, v in list(detail.items())[:MAX_EVENT_DETAIL_KEYS]}
+
+
+def check_free_json(value: Any, where: str) -> None:
+    """Refuse free JSON deeper than :data:`MAX_DETAIL_DEPTH`, containers wider than
+    :data:`MAX_DETAIL_ITEMS`, or text that is long or holds control characters.
+
+    Iterative, and it stops at the first level too deep, so a value nested as deep as the
+    parser allowed costs a few steps, not a recursion as deep as the value."""
+    pending: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while pending:
+        item, path, depth = pending.pop()
+        if isinstance(item, str):
+            if len(item) > MAX_DETAIL_TEXT:
+                raise ValueError(f"{path}: text longer than {MAX_DETAIL_TEXT} characters")
+            if _FREE_TEXT_FORBIDDEN.search(item):
+                raise ValueError(f"{path}: text holds a control character")
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth >= MAX_DETAIL_DEPTH:
+            raise ValueError(f"{path}: nested deeper than {MAX_DETAIL_DEPTH} levels")
+        if len(item) > MAX_DETAIL_ITEMS:
+            raise ValueError(f"{path}: more than {MAX_DETAIL_ITEMS} items")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                pending.append((key, f"{path} key", depth + 1))
+                pending.append((child, f"{path}.{key}", depth + 1))
+        else:
+            pending.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
 class FeatureHistogram(_Strict, kw_only=True):
@@ -254,7 +330,7 @@ class DesiredState(_Strict, kw_only=True):
 
 class SignatureEntry(_Strict, kw_only=True):
     keyid: Sha256Hex
-    sig: Annotated[str, Meta(pattern=r"^[0-9a-f]{2,1024}$")]
+    sig: Annotated[str, Meta(pattern=r"^[0-9a-f]{2,1024}\Z")]
 
 
 class SignedDesiredState(_Strict, kw_only=True):
@@ -274,12 +350,12 @@ MAX_BUNDLE_FILES = 16
 MAX_TENSORS = 64
 MAX_FEATURES = 4096
 # A bundle member is a plain file name: no directories, no '..', nothing absolute.
-MemberName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+MemberName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")]
 
 
 class TensorSchema(_Strict, kw_only=True):
     name: ShortText
-    dtype: Annotated[str, Meta(pattern=r"^[a-z0-9]{2,16}$")]
+    dtype: Annotated[str, Meta(pattern=r"^[a-z0-9]{2,16}\Z")]
     shape: Annotated[list[Count | None], Meta(max_length=8)]
     allow_nan: bool = False  # inputs: requests with NaN are refused unless this is set
 
@@ -379,6 +455,8 @@ def decode(kind: type[StructT], payload: bytes | str) -> StructT:
     """Parse and validate JSON as ``kind`` in one pass, or raise MessageRejected."""
     try:
         return _decoder(kind).decode(payload)
+    except RecursionError:  # free JSON nested deeper than the parser's stack
+        raise MessageRejected("malformed_json", "JSON nested too deeply") from None
     except msgspec.ValidationError as exc:
         # Validation runs while parsing, so broken JSON that starts with the wrong type
         # ("[1, 2") reports a type error first; name the real problem.
@@ -397,6 +475,8 @@ def convert(kind: type[StructT], data: Any) -> StructT:
     """Validate already-parsed JSON data (dicts, lists, strings) as ``kind``."""
     try:
         return msgspec.convert(data, kind)
+    except RecursionError:
+        raise MessageRejected("invalid", "data nested too deeply") from None
     except msgspec.ValidationError as exc:
         raise MessageRejected("invalid", _describe(exc)) from None
 

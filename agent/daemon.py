@@ -38,6 +38,7 @@ from agent.contract import (
     StatusMessage,
     decode_desired,
     encode,
+    fit_detail,
     to_data,
     topic,
     utcnow,
@@ -215,7 +216,7 @@ class AgentDaemon:
     def _event(self, event: str, **detail) -> None:
         """Events go through the outbox: a deployment step is never lost to an outage."""
         log.info("event %s %s", event, detail)
-        message = EventMessage(**self._envelope(), event=event, detail=detail)
+        message = EventMessage(**self._envelope(), event=event, detail=fit_detail(detail))
         self.outbox.put(message.seq, Channel.EVENTS.value, encode(message))
 
     def _publish_pending(self, pending: Pending, expiry_s: float | None) -> int:

@@ -6,10 +6,11 @@ write concurrently without "database is locked" errors.
 
 from __future__ import annotations
 
-from sqlalchemy import event, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateColumn
 from sqlmodel import Session, SQLModel, create_engine
 
 from fleet import models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -60,3 +61,26 @@ def init_db(engine: Engine) -> None:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
         SQLModel.metadata.create_all(connection)
+        _add_missing_columns(connection)
+
+
+def _add_missing_columns(connection: Connection) -> None:
+    """Columns added to a table since the database was created: ``create_all`` makes
+    missing tables only. Until schema migrations exist, a column that can be added to a
+    table with rows (nullable, or with a server default) is added here; any other is a
+    clear error naming it, never a failed insert at the first heartbeat."""
+    existing_tables = set(inspect(connection).get_table_names())
+    for table in SQLModel.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        present = {column["name"] for column in inspect(connection).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not (column.nullable or column.server_default is not None):
+                raise RuntimeError(
+                    f"table {table.name!r} lacks column {column.name!r}, which cannot be "
+                    "added to existing rows; recreate the database"
+                )
+            ddl = CreateColumn(column).compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))

@@ -7,7 +7,18 @@ Why it looks like this:
   (``fleet.devices``), so the redelivery is harmless.
 * The paho network thread only enqueues; one writer thread does the database work, so a
   slow database never stalls keepalives (which would drop the connection).
-* Bad input never stops the loop: every refusal is counted by reason and logged with it.
+* Bad input never stops the loop: every refusal is counted by reason and logged with it
+  (at most :data:`REFUSAL_LOG_BURST` lines per reason a minute: a flood of bad messages must
+  not become a flood of log lines).
+* One bad message costs only itself. Any exception while decoding one message refuses that
+  message; a batch whose transaction fails for any reason but the database being away is
+  split in halves and each half is stored again, down to the single message that cannot be
+  stored, which is refused as ``unstorable``. So a message that passes the contract but
+  trips the database (or a bug) never takes its batch-mates, other devices' messages
+  included, down with it.
+* A refused *retained* message (``status``, ``reported``) would come back from the broker
+  after every restart of every worker: the fleet clears it (an empty retained publish).
+  Devices republish both on every connection, so nothing is lost that a device still means.
 * ``status`` and ``reported`` are retained and low-volume: every worker subscribes to them
   directly, because MQTT v5 does not deliver retained messages to shared subscriptions and a
   restarted fleet must learn the current state. The high-volume streams (telemetry, events,
@@ -49,6 +60,8 @@ log = logging.getLogger(__name__)
 
 SHARED_GROUP = "fleet"
 RATE_WINDOW_S = 10
+REFUSAL_LOG_BURST = 10
+RETAINED_CHANNELS = frozenset({Channel.STATUS.value, Channel.REPORTED.value})
 SUBSCRIPTIONS = (
     f"{TOPIC_ROOT}/+/{Channel.STATUS.value}",
     f"{TOPIC_ROOT}/+/{Channel.REPORTED.value}",
@@ -70,6 +83,7 @@ class IngestMetrics:
     accepted: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     heartbeats_stored: int = 0
+    retained_cleared: int = 0
     last_lag_s: float | None = None
     max_lag_s: float = 0.0
     _per_second: deque[list[int]] = field(default_factory=deque, repr=False)
@@ -96,6 +110,10 @@ class IngestMetrics:
         with self._lock:
             self.rejected[reason] += 1
 
+    def cleared(self) -> None:
+        with self._lock:
+            self.retained_cleared += 1
+
     def snapshot(self) -> dict:
         with self._lock:
             now = int(time.monotonic())
@@ -107,6 +125,7 @@ class IngestMetrics:
                 "rejected": dict(self.rejected),
                 "rejected_total": sum(self.rejected.values()),
                 "heartbeats_stored": self.heartbeats_stored,
+                "retained_cleared": self.retained_cleared,
                 "messages_per_s": round(recent / RATE_WINDOW_S, 2),
                 "lag_s_last": self.last_lag_s,
                 "lag_s_max": self.max_lag_s,
@@ -115,6 +134,33 @@ class IngestMetrics:
     def _prune(self, second: int) -> None:
         while self._per_second and second - self._per_second[0][0] > RATE_WINDOW_S:
             self._per_second.popleft()
+
+
+class _RefusalLog:
+    """Logs refusals, at most ``burst`` lines per reason per minute; the rest are counted
+    and summed up in the next line that is logged for that reason."""
+
+    def __init__(self, burst: int = REFUSAL_LOG_BURST, period_s: float = 60.0) -> None:
+        self.burst = burst
+        self.period_s = period_s
+        self._windows: dict[str, list[float | int]] = {}  # reason -> [start, logged, quiet]
+
+    def __call__(self, reason: str, text: str, *args: object) -> None:
+        now = time.monotonic()
+        window = self._windows.setdefault(reason, [now, 0, 0])
+        if now - window[0] >= self.period_s:
+            if window[2]:
+                log.warning("%d more messages refused as %s in the last minute", window[2], reason)
+            window[:] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            log.warning(text, *args)
+        else:
+            window[2] += 1
+
+
+class _Stopping(Exception):
+    """The worker is stopping while the database is away: leave the batch unacknowledged."""
 
 
 class IngestWorker:
@@ -137,6 +183,7 @@ class IngestWorker:
         self._queue: queue.Queue[Inbound | None] = queue.Queue(maxsize=queue_max)
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._stopping = threading.Event()
+        self._log_refusal = _RefusalLog()
         self.link = MqttLink(
             broker,
             client_id=f"edgefleet-fleet-{worker_id or uuid.uuid4().hex[:12]}",
@@ -181,7 +228,7 @@ class IngestWorker:
                 return
             try:
                 self._handle_batch(batch)
-            except Exception:  # never let one batch end the writer
+            except Exception:  # a defect outside any one message: never end the writer
                 log.exception("unexpected failure on a batch of %d messages", len(batch))
                 for message in batch:
                     self.metrics.reject("apply_error")
@@ -210,27 +257,74 @@ class IngestWorker:
         return batch
 
     def _handle_batch(self, batch: list[Inbound]) -> None:
-        decoded: list[tuple[Inbound, DeviceMessageT]] = []
-        for message in batch:
+        decoded = [(message, item) for message in batch if (item := self._decode(message))]
+        pending = [decoded] if decoded else []
+        while pending:  # halves of a failed batch, the earlier half first
+            part = pending.pop()
             try:
-                decoded.append((message, decode_device_message(message.topic, message.payload)))
-            except MessageRejected as exc:
-                self.metrics.reject(exc.reason)
-                log.warning("refused message on %s: %s", message.topic, exc)
-                message.ack()
-        if not decoded:
-            return
+                self._store_retrying(part)
+            except _Stopping:
+                return  # left unacknowledged: the broker redelivers it
+            except Exception as exc:
+                if len(part) == 1:
+                    inbound, message = part[0]
+                    log.error("cannot store the message on %s (seq %d)", inbound.topic,
+                              message.seq, exc_info=exc)
+                    self._refuse(inbound, "unstorable", f"{type(exc).__name__}: {exc}")
+                else:
+                    log.debug("a batch of %d failed (%s); storing its halves", len(part), exc)
+                    middle = len(part) // 2
+                    pending += [part[middle:], part[:middle]]
+                continue
+            self._accepted(part)
+
+    def _decode(self, message: Inbound) -> DeviceMessageT | None:
+        """The message, or None once it is refused (and acknowledged)."""
+        if not message.payload and message.topic.rsplit("/", 1)[-1] in RETAINED_CHANNELS:
+            # A retained message being cleared (by us or by the device), as the broker
+            # forwards it to subscribers: nothing to store, nothing wrong.
+            self.metrics.cleared()
+            message.ack()
+            return None
+        try:
+            return decode_device_message(message.topic, message.payload)
+        except MessageRejected as exc:
+            self._refuse(message, exc.reason, str(exc))
+        except Exception as exc:  # a parser defect costs this message, not the batch
+            log.error("cannot decode the message on %s", message.topic, exc_info=exc)
+            self._refuse(message, "undecodable", f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _refuse(self, message: Inbound, reason: str, text: str) -> None:
+        self.metrics.reject(reason)
+        self._log_refusal(reason, "refused message on %s: %s", message.topic, text)
+        if message.retained and message.topic.rsplit("/", 1)[-1] in RETAINED_CHANNELS:
+            self._clear_retained(message.topic)
+        message.ack()
+
+    def _clear_retained(self, topic_name: str) -> None:
+        """Delete a refused retained message at the broker, so that it is not refused
+        again after every restart (and by every worker)."""
+        try:
+            self.link.publish(topic_name, b"", qos=1, retain=True)
+        except Exception as exc:  # the link is down: the next start clears it
+            log.warning("could not clear the retained message on %s: %s", topic_name, exc)
+
+    def _store_retrying(self, decoded: list[tuple[Inbound, DeviceMessageT]]) -> None:
+        """Store, retrying while the database is away (server gone, deadlock, lock
+        timeout: ``OperationalError``); any other failure is the batch's own."""
         delay = 0.5
         while not self._stopping.is_set():
             try:
                 self._store(decoded)
-                break
-            except OperationalError as exc:  # server away, deadlock, lock timeout: retry
+                return
+            except OperationalError as exc:
                 log.warning("batch not stored (%s); retrying in %.1fs", exc.orig, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        else:
-            return  # stopping: leave it unacknowledged, the broker redelivers it
+        raise _Stopping
+
+    def _accepted(self, decoded: list[tuple[Inbound, DeviceMessageT]]) -> None:
         now = utcnow()
         lag_s = max((now - item.sent_at).total_seconds() for _, item in decoded)
         for kind, count in Counter(item.kind for _, item in decoded).items():

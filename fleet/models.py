@@ -31,6 +31,7 @@ __all__ = [
     "ApiToken",
     "Device",
     "DevicePublic",
+    "HeartbeatFigures",
     "HeartbeatPublic",
     "Role",
     "TokenPublic",
@@ -81,16 +82,28 @@ class ActiveModelPublic(SQLModel):
     version: int
 
 
-class HeartbeatPublic(SQLModel):
-    sent_at: datetime
+class HeartbeatFigures(SQLModel):
+    """What a heartbeat measures: the scalar fields of ``agent.contract.HeartbeatTelemetry``,
+    declared here once for the time-series table, the API and the bulk insert (which read
+    the columns off the table). ``tests/fleet/test_heartbeat_fields.py`` holds them equal
+    to the contract's, so a field added on the device cannot be dropped by the fleet."""
+
     uptime_s: float
     cpu_percent: float
     rss_mb: float
-    inference_count: int
-    error_count: int
+    inference_count: int = Field(sa_type=BigInteger)
+    error_count: int = Field(sa_type=BigInteger)
+    # Added after the first release: a server default lets existing rows take the column.
+    client_error_count: int = Field(
+        default=0, sa_type=BigInteger, sa_column_kwargs={"server_default": "0"}
+    )
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
-    outbox_depth: int | None = None
+    outbox_depth: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class HeartbeatPublic(HeartbeatFigures):
+    sent_at: datetime
     outbox_dropped: dict[str, int] | None = None
 
 
@@ -228,7 +241,7 @@ class DeviceEventPublic(SQLModel):
     _utc = field_validator("sent_at", "received_at")(_as_utc)
 
 
-class Heartbeat(SQLModel, table=True):
+class Heartbeat(HeartbeatFigures, table=True):
     """The heartbeat time series: one row per (device, seq), whatever the redeliveries."""
 
     __table_args__ = (
@@ -245,27 +258,11 @@ class Heartbeat(SQLModel, table=True):
     seq: int = Field(sa_type=BigInteger)
     sent_at: datetime = Field(sa_type=_tz())
     received_at: datetime = Field(sa_type=_tz())
-    uptime_s: float
-    cpu_percent: float
-    rss_mb: float
-    inference_count: int = Field(sa_type=BigInteger)
-    error_count: int = Field(sa_type=BigInteger)
-    latency_ms_p50: float | None = None
-    latency_ms_p95: float | None = None
-    outbox_depth: int | None = Field(default=None, sa_type=BigInteger)
 
 
-class HeartbeatRow(SQLModel):
+class HeartbeatRow(HeartbeatFigures):
     seq: int
     sent_at: datetime
     received_at: datetime
-    uptime_s: float
-    cpu_percent: float
-    rss_mb: float
-    inference_count: int
-    error_count: int
-    latency_ms_p50: float | None
-    latency_ms_p95: float | None
-    outbox_depth: int | None
 
     _utc = field_validator("sent_at", "received_at")(_as_utc)

@@ -11,32 +11,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from operator import attrgetter
 
 from sqlalchemy import delete, func
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session, select
 
 from agent.contract import HeartbeatTelemetry, utcnow
 from fleet.db import dialect_insert, is_postgresql
-from fleet.models import Device, Heartbeat
+from fleet.models import Device, Heartbeat, HeartbeatFigures
 from fleet.pg_bulk import copy_insert_ignoring_duplicates
 
 __all__ = ["delete_older_than", "fleet_summary", "heartbeats", "store_heartbeats"]
 
 
-# Column order of the rows built below, with PostgreSQL types for the COPY staging table.
+# The figures are the columns of HeartbeatFigures (declared once, in fleet.models); the
+# row tuples below follow this order, with PostgreSQL types for the COPY staging table.
+_FIGURES = tuple(HeartbeatFigures.model_fields)
+_figures_of = attrgetter(*_FIGURES)
+_TABLE = Heartbeat.__table__  # type: ignore[attr-defined]
 _COLUMNS = {
     "device_id": "text",
     "seq": "bigint",
     "sent_at": "timestamptz",
     "received_at": "timestamptz",
-    "uptime_s": "float8",
-    "cpu_percent": "float8",
-    "rss_mb": "float8",
-    "inference_count": "bigint",
-    "error_count": "bigint",
-    "latency_ms_p50": "float8",
-    "latency_ms_p95": "float8",
-    "outbox_depth": "bigint",
+    **{name: _TABLE.c[name].type.compile(dialect=postgresql.dialect()) for name in _FIGURES},
 }
 
 
@@ -45,11 +44,7 @@ def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
     if not messages:
         return 0
     now = utcnow()
-    rows = [
-        (m.device_id, m.seq, m.sent_at, now, m.uptime_s, m.cpu_percent, m.rss_mb,
-         m.inference_count, m.error_count, m.latency_ms_p50, m.latency_ms_p95, m.outbox_depth)
-        for m in messages
-    ]
+    rows = [(m.device_id, m.seq, m.sent_at, now, *_figures_of(m)) for m in messages]
     if is_postgresql(session):
         return copy_insert_ignoring_duplicates(
             session, "heartbeat", _COLUMNS, ("device_id", "seq"), rows
@@ -57,8 +52,7 @@ def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
     # SQLite: one statement compiled once and cached, parameters passed separately.
     # RETURNING, not rowcount: SQLite's executemany rowcount does not count ignored
     # conflicts the same way on every version.
-    table = Heartbeat.__table__  # type: ignore[attr-defined]
-    statement = dialect_insert(session)(table).on_conflict_do_nothing().returning(table.c.id)
+    statement = dialect_insert(session)(_TABLE).on_conflict_do_nothing().returning(_TABLE.c.id)
     names = list(_COLUMNS)
     result = session.connection().execute(
         statement, [dict(zip(names, row, strict=True)) for row in rows]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.contract import (
     MAX_MESSAGE_BYTES,
@@ -23,6 +25,7 @@ from agent.contract import (
     decode_desired,
     decode_device_message,
     encode,
+    fit_detail,
     parse_topic,
     topic,
     utcnow,
@@ -65,7 +68,8 @@ def test_oversized_payload_is_refused_before_parsing():
 
 def test_encoding_refuses_to_produce_an_oversized_message():
     event = EventMessage(
-        device_id="d", seq=1, sent_at=utcnow(), event="big", detail={"blob": "x" * 70_000}
+        device_id="d", seq=1, sent_at=utcnow(), event="big",
+        detail={f"blob{i}": "x" * 4000 for i in range(20)},
     )
     with pytest.raises(MessageRejected, match="oversized"):
         encode(event)
@@ -193,3 +197,86 @@ def test_unsigned_desired_state_is_refused_by_name():
     assert caught.value.reason == "unsigned"
     envelope, raw = decode_desired("dev-1", _signed(desired))
     assert envelope.signed == desired and raw["generation"] == 1
+
+
+# --- hostile text and free JSON -------------------------------------------------------
+
+_EVENT_HEAD = (b'{"device_id":"d1","seq":1,"sent_at":"2026-01-01T00:00:00Z",'
+               b'"event":"failed","detail":{"n":')
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (_EVENT_HEAD + b"[" * 1000 + b"]" * 1000 + b"}}", "malformed_json"),  # parser's stack
+    (_EVENT_HEAD + b"[" * 5 + b"]" * 5 + b"}}", "invalid"),  # deeper than the bound
+    (_EVENT_HEAD + b'"nul\\u0000"}}', "invalid"),
+    (_EVENT_HEAD + b'"esc\\u001b[31m"}}', "invalid"),
+    (_EVENT_HEAD + b'"' + b"x" * 5000 + b'"}}', "invalid"),
+    (_EVENT_HEAD + b"[" + b"0," * 100 + b"0]}}", "invalid"),  # wider than the bound
+    (_EVENT_HEAD + b'"\\ud800"}}', "malformed_json"),  # a lone surrogate
+])
+def test_free_json_is_bounded_in_depth_width_and_text(payload, reason):
+    with pytest.raises(MessageRejected) as caught:
+        decode_device_message(topic("d1", "events"), payload)
+    assert caught.value.reason == reason
+
+
+def test_multi_line_text_in_an_event_detail_is_kept():
+    message = decode_device_message(topic("d1", "events"), _EVENT_HEAD + b'"a\\nb\\tc"}}')
+    assert message.detail == {"n": "a\nb\tc"}
+
+
+@pytest.mark.parametrize("text", ["1\x00x", "1\nx", "bell\x07", "del\x7f", "x\n"])
+def test_control_characters_in_text_fields_are_refused(text):
+    payload = json.dumps({
+        "device_id": "d1", "seq": 1, "sent_at": "2026-01-01T00:00:00Z", "agent_version": text,
+        "platform": {"system": "L", "release": "1", "machine": "x", "python": "3"},
+    }).encode()
+    with pytest.raises(MessageRejected, match="agent_version"):
+        decode_device_message(topic("d1", "reported"), payload)
+
+
+def test_an_id_with_a_trailing_newline_is_not_an_id():
+    """Python's ``$`` matches before a final newline; the contract's patterns must not."""
+    payload = json.dumps({"device_id": "d1\n", "seq": 1, "sent_at": "2026-01-01T00:00:00Z",
+                          "state": "online", "connection": 1}).encode()
+    with pytest.raises(MessageRejected, match="device_id"):
+        decode_device_message(topic("d1\n", "status"), payload)
+
+
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(), inner, max_size=8),
+    max_leaves=40,
+)
+
+
+_WIDE = st.lists(st.integers(), min_size=65, max_size=80)  # over the width bound
+_DEEP = st.recursive(st.text(), lambda inner: st.lists(inner, min_size=1, max_size=2),
+                     max_leaves=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(detail=st.dictionaries(st.text(max_size=300), _ANY_JSON | _WIDE | _DEEP, max_size=40))
+def test_an_agents_own_event_detail_always_fits_the_contract(detail):
+    """Whatever a device puts in an event (a runtime's error text can hold any character),
+    the event it sends is one the fleet accepts: ``fit_detail`` makes it so."""
+    event = EventMessage(device_id="d1", seq=1, sent_at=utcnow(), event="failed",
+                         detail=fit_detail(detail))
+    try:
+        payload = encode(event)
+    except MessageRejected as exc:  # only ever too big as a whole
+        assert exc.reason == "oversized"
+        return
+    assert decode_device_message(topic("d1", "events"), payload).detail == event.detail
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=512) | st.builds(
+    lambda data: json.dumps(data).encode(), _ANY_JSON))
+def test_any_bytes_are_either_a_message_or_a_named_refusal(payload):
+    for channel in ("status", "reported", "telemetry", "events", "drift"):
+        try:
+            decode_device_message(topic("d1", channel), payload)
+        except MessageRejected as exc:
+            assert exc.reason in {"malformed_json", "invalid", "oversized", "wrong_device"}
