@@ -68,6 +68,24 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="largest inference request body (default 16)")
     run.add_argument("--outbox-mb", type=float, default=64.0,
                      help="disk budget for telemetry waiting for the broker (default 64)")
+    run.add_argument(
+        "--download-deadline", type=float,
+        default=os.environ.get("EDGE_AGENT_DOWNLOAD_DEADLINE") or 300.0,
+        help="seconds a bundle download may take, plus its signed length at "
+        "--download-floor (default 300; env EDGE_AGENT_DOWNLOAD_DEADLINE)",
+    )
+    run.add_argument(
+        "--download-floor", type=float,
+        default=os.environ.get("EDGE_AGENT_DOWNLOAD_FLOOR") or 1024.0,
+        help="slowest bundle download kept going, in bytes/s averaged over "
+        "--download-window; 0 = no floor (default 1024; env EDGE_AGENT_DOWNLOAD_FLOOR)",
+    )
+    run.add_argument(
+        "--download-window", type=float,
+        default=os.environ.get("EDGE_AGENT_DOWNLOAD_WINDOW") or 60.0,
+        help="seconds over which --download-floor is measured "
+        "(default 60; env EDGE_AGENT_DOWNLOAD_WINDOW)",
+    )
     _add_engine_arguments(run)
 
     enroll = commands.add_parser("enroll", help="pin the fleet's root of trust (once)")
@@ -126,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.contract import is_valid_device_id
     from agent.daemon import AgentConfig, AgentDaemon
     from agent.mqtt import BrokerAddress
+    from agent.trust.download import DownloadLimits
 
     if not is_valid_device_id(args.device_id):
         print(
@@ -153,6 +172,14 @@ def _run(args: argparse.Namespace) -> int:
     if engine is None:
         return 2
     try:
+        download = DownloadLimits(
+            deadline_s=args.download_deadline, floor_bps=args.download_floor,
+            window_s=args.download_window,
+        )
+    except ValueError as exc:  # "download deadline must be greater than 0, given 0"
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         daemon = AgentDaemon(
             AgentConfig(
                 broker=broker,
@@ -167,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
                 max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                 outbox_bytes=int(args.outbox_mb * 1024 * 1024),
                 engine=engine,
+                download=download,
             )
         )
     except OSError as exc:  # state directory not writable, endpoint port taken, ...

@@ -58,6 +58,7 @@ from agent.runtime import EngineOptions
 from agent.serving import ModelHost
 from agent.state import AgentState
 from agent.stats import InferenceStats
+from agent.trust.download import DownloadLimits
 
 if TYPE_CHECKING:
     from agent.trust.client import BundleClient
@@ -108,6 +109,7 @@ class AgentConfig:
     outbox_bytes: int = 64 * 1024 * 1024
     outbox_rate: float = 200.0  # messages per second while draining a backlog
     engine: EngineOptions = field(default_factory=EngineOptions)  # providers, threads
+    download: DownloadLimits = field(default_factory=DownloadLimits)  # deadline, floor
 
 
 class AgentDaemon:
@@ -167,6 +169,7 @@ class AgentDaemon:
             self._bundle_client = BundleClient(
                 self._fleet_url, self.config.state_dir,
                 max_bundle_bytes=self.config.max_bundle_bytes,
+                limits=self.config.download,
             )
         return self._bundle_client
 

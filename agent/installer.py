@@ -10,9 +10,10 @@ Order of an install, each step reported as an ``events`` message:
 5. ``healthy``: the slots are switched atomically; the new model serves.
 
 Any failure emits ``failed`` with the error's reason code and leaves ``current`` where it
-was: the previous model never stops serving. A bundle already sitting complete in the
-inactive slot (the previous version, after an update) is reused without a download, which
-is what makes a rollback instant.
+was: the previous model never stops serving. A cancelled install (a newer desired state or
+a rollback came first) emits ``cancelled`` instead: nothing was wrong with the bundle.
+A bundle already sitting complete in the inactive slot (the previous version, after an
+update) is reused without a download, which is what makes a rollback instant.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.bundle import extract_bundle, verify_slot
+from agent.cancel import Cancel
 from agent.contract import BundleManifest, BundleRef, to_data
-from agent.errors import InstallError, InstallIOError, ManifestError, UpdateError
+from agent.errors import (
+    CancelledError,
+    InstallError,
+    InstallIOError,
+    ManifestError,
+    UpdateError,
+)
 from agent.faults import crash_point
 from agent.health import open_checked_engine
 from agent.runtime import Engine, EngineOptions
@@ -110,17 +118,26 @@ class Installer:
 
     # ------------------------------------------------------------------- install
 
-    def install(self, ref: BundleRef, current: LoadedModel | None) -> LoadedModel | None:
-        """Make ``ref`` the active model; return it, or None (and emit failed) on failure."""
+    def install(
+        self, ref: BundleRef, current: LoadedModel | None, cancel: Cancel | None = None
+    ) -> LoadedModel | None:
+        """Make ``ref`` the active model; return it, or None (and emit failed) on failure.
+
+        ``cancel`` ends the install early (at once during the download, otherwise at the
+        next step) with a ``cancelled`` event instead of ``failed``; the switch itself is
+        never interrupted: after the health check the install completes.
+        """
         if current is not None and current.manifest.ref == ref:
             return current
+        cancel = cancel or Cancel()
         detail: dict[str, Any] = {"bundle": to_data(ref)}
         engine = None
         self.last_error = None
         try:
             staged, manifest = self._stage_from_inactive(ref) or self._stage_from_fleet(
-                ref, detail
+                ref, detail, cancel
             )
+            cancel.check()
             engine = self._open(self.slots.path(staged), manifest)
             crash_point("after_health_check")
             self.slots.activate(staged)
@@ -129,6 +146,10 @@ class Installer:
                 engine.close()
             error = _as_update_error(exc)
             self.last_error = error
+            if isinstance(error, CancelledError):
+                log.info("install of %s v%d cancelled: %s", ref.name, ref.version, error)
+                self.emit("cancelled", **detail, reason=str(error))
+                return None
             log.error("install of %s v%d failed: %s", ref.name, ref.version, error,
                       exc_info=error is not exc and not isinstance(exc, OSError))
             self.emit("failed", **detail, reason=error.reason, detail=str(error))
@@ -169,7 +190,7 @@ class Installer:
         return name, manifest
 
     def _stage_from_fleet(
-        self, ref: BundleRef, detail: dict[str, Any]
+        self, ref: BundleRef, detail: dict[str, Any], cancel: Cancel
     ) -> tuple[str, BundleManifest]:
         client = self._client()
         if client is None:
@@ -177,11 +198,13 @@ class Installer:
         self.emit("downloading", **detail)
         client.refresh()
         info = client.target_info(ref.target_name)
+        cancel.check()
         progress = _ProgressLog(ref.target_name)
-        path = client.download(info, progress)
+        path = client.download(info, progress, cancel)
         detail.update(sha256=info.hashes["sha256"], size=info.length)
         self.emit("verified", **detail)
         crash_point("after_download")
+        cancel.check()  # the last moment before the inactive slot (the rollback) is cleared
         slot = self.slots.inactive()
         target = self.slots.clear(slot)
         manifest = extract_bundle(path, target, self.max_bundle_bytes)

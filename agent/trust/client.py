@@ -8,7 +8,10 @@ rollback-, freeze- and mix-and-match protection. The bundle itself is fetched he
   already on disk (after re-hashing them), instead of starting a large download over;
 * **one pass**: the SHA-256 is computed while the bytes arrive, and the download stops the
   moment the server sends more than the signed length (endless-data attack); nothing is
-  ever held in memory beyond one chunk.
+  ever held in memory beyond one chunk;
+* **bounded in time** (slow-retrieval attack, or just a bad link): an overall deadline
+  and a throughput floor (:mod:`agent.trust.download`), and a cancel that ends it at once
+  when a newer desired state or a rollback makes it pointless.
 
 Every TUF failure is raised as :class:`TrustError` naming the python-tuf error class, so an
 event says e.g. ``untrusted_metadata: ExpiredMetadataError: timestamp.json is expired``.
@@ -20,7 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import time
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -31,6 +34,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
 from agent.bundle import fsync_dir
+from agent.cancel import Cancel
 from agent.errors import (
     BundleTooLargeError,
     DownloadError,
@@ -39,6 +43,7 @@ from agent.errors import (
     UnknownTargetError,
 )
 from agent.trust.desired import DirectorKeys
+from agent.trust.download import DownloadLimits, DownloadWatch
 
 __all__ = ["BundleClient", "HashingWriter", "enroll"]
 
@@ -86,13 +91,18 @@ class BundleClient:
         *,
         max_bundle_bytes: int,
         download_attempts: int = 5,
+        limits: DownloadLimits | None = None,
     ) -> None:
         self.fleet_url = fleet_url.rstrip("/")
         self.metadata_dir = state_dir / "tuf"
         self.downloads_dir = state_dir / "downloads"
         self.max_bundle_bytes = max_bundle_bytes
         self.download_attempts = download_attempts
+        self.limits = limits or DownloadLimits()
         self._updater: Updater | None = None
+        # The daemon refreshes from two threads (desired-state intake, installs): one
+        # refresh at a time writes the metadata directory.
+        self._metadata_lock = threading.Lock()
         self._http = _http()
 
     @property
@@ -114,11 +124,12 @@ class BundleClient:
             # it in metadata_dir: never anything fetched without that chain.
             bootstrap=None,
         )
-        try:
-            updater.refresh()
-        except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
-            raise TrustError(f"{type(exc).__name__}: {exc}") from exc
-        self._updater = updater
+        with self._metadata_lock:
+            try:
+                updater.refresh()
+            except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
+                raise TrustError(f"{type(exc).__name__}: {exc}") from exc
+            self._updater = updater
 
     def director_keys(self) -> DirectorKeys:
         return DirectorKeys.from_root_file(self.metadata_dir / "root.json")
@@ -127,7 +138,8 @@ class BundleClient:
         if self._updater is None:
             raise RuntimeError("refresh() must come before target_info()")
         try:
-            info = self._updater.get_targetinfo(name)
+            with self._metadata_lock:
+                info = self._updater.get_targetinfo(name)
         except (tuf_errors.RepositoryError, tuf_errors.DownloadError) as exc:
             raise TrustError(f"{type(exc).__name__}: {exc}") from exc
         if info is None:
@@ -141,31 +153,44 @@ class BundleClient:
             raise TrustError(f"{name}: signed target has no sha256")
         return info
 
-    def download(self, info: TargetFile, progress: ProgressCallback | None = None) -> Path:
-        """Fetch ``info`` into the downloads directory, verified; resume after drops."""
+    def download(
+        self,
+        info: TargetFile,
+        progress: ProgressCallback | None = None,
+        cancel: Cancel | None = None,
+    ) -> Path:
+        """Fetch ``info`` into the downloads directory, verified; resume after drops.
+
+        Bounded by :attr:`limits` (deadline, throughput floor: ``DownloadError``) and ended
+        early by ``cancel`` (``CancelledError``); the partial file stays for a resume.
+        """
         sha256 = info.hashes["sha256"]
         final = self.downloads_dir / f"{sha256}.{info.path}"
         if final.is_file() and final.stat().st_size == info.length:
             return final  # completed and verified before a crash
         part = final.with_name(final.name + ".part")
+        self._remove_stale_downloads(keep={final.name, part.name})
         url = f"{self.fleet_url}/repo/targets/{sha256}.{info.path}"
         stream = HashingWriter(part, info.length)
         last_error: Exception | None = None
-        for attempt in range(1, self.download_attempts + 1):
-            try:
-                self._fetch(url, stream, progress)
-                break
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                last_error = exc
-                log.warning(
-                    "download of %s interrupted at %d/%d bytes (%s); attempt %d/%d",
-                    info.path, stream.size, info.length, exc, attempt, self.download_attempts,
-                )
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 10))
-        else:
-            raise DownloadError(
-                f"{info.path}: gave up after {self.download_attempts} tries: {last_error}"
-            ) from last_error
+        with DownloadWatch(self.limits, info.length, cancel) as watch:
+            for attempt in range(1, self.download_attempts + 1):
+                try:
+                    self._fetch(url, stream, progress, watch)
+                    break
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    watch.check()  # an interrupted read: too slow, deadline, or cancel
+                    last_error = exc
+                    log.warning(
+                        "download of %s interrupted at %d/%d bytes (%s); attempt %d/%d",
+                        info.path, stream.size, info.length, exc, attempt,
+                        self.download_attempts,
+                    )
+                    watch.sleep(min(0.5 * 2 ** (attempt - 1), 10))
+            else:
+                raise DownloadError(
+                    f"{info.path}: gave up after {self.download_attempts} tries: {last_error}"
+                ) from last_error
         digest = stream.digest.hexdigest()
         if digest != sha256:
             part.unlink()
@@ -176,25 +201,49 @@ class BundleClient:
         fsync_dir(self.downloads_dir)
         return final
 
-    def _fetch(self, url: str, stream: HashingWriter, progress: ProgressCallback | None) -> None:
+    def _remove_stale_downloads(self, keep: set[str]) -> None:
+        """One download at a time: a partial file of a bundle no longer wanted (a desired
+        state superseded mid-download) would otherwise hold its disk space for ever."""
+        for entry in self.downloads_dir.iterdir():
+            if entry.name not in keep and entry.is_file():
+                log.info("removing stale download %s", entry.name)
+                entry.unlink(missing_ok=True)
+
+    def _fetch(
+        self,
+        url: str,
+        stream: HashingWriter,
+        progress: ProgressCallback | None,
+        watch: DownloadWatch,
+    ) -> None:
         stream.resync()
         if stream.size == stream.length:
             return
+        watch.check()
         headers = {"Range": f"bytes={stream.size}-"} if stream.size else {}
+        # No single wait may outlast the deadline (the watch cannot interrupt a request
+        # still waiting for its headers, only a body being read).
+        remaining = watch.remaining()
         response = self._http.request(
-            "GET", url, headers=headers, preload_content=False, decode_content=False
+            "GET", url, headers=headers, preload_content=False, decode_content=False,
+            timeout=urllib3.Timeout(connect=min(10, remaining), read=min(30, remaining)),
         )
+        watch.attach(response)
         try:
             if response.status == 200:
                 stream.restart()  # the server ignored our Range
             elif response.status != 206 or not stream.size:
                 raise DownloadError(f"GET {url}: HTTP {response.status}")
             with stream.open() as out:
-                while chunk := response.read(_CHUNK, decode_content=False):
+                # read1: whatever has arrived, so the watch sees a trickle as it comes
+                while chunk := response.read1(_CHUNK, decode_content=False):
                     stream.append(out, chunk)
+                    watch.received += len(chunk)
                     if progress is not None:
                         progress(stream.size, stream.length)
+                    watch.check()
         finally:
+            watch.attach(None)
             response.release_conn()
         if stream.size < stream.length:
             raise urllib3.exceptions.ProtocolError(
