@@ -16,8 +16,9 @@ Why it looks like this:
   stored, which is refused as ``unstorable``. So a message that passes the contract but
   trips the database (or a bug) never takes its batch-mates, other devices' messages
   included, down with it.
-* A refused *retained* message (``status``, ``reported``) would come back from the broker
-  after every restart of every worker: the fleet clears it (an empty retained publish).
+* A refused message on a retained channel (``status``, ``reported``) would come back from
+  the broker after every restart of every worker: the fleet clears it (an empty retained
+  publish).
   Devices republish both on every connection, so nothing is lost that a device still means.
 * ``status`` and ``reported`` are retained and low-volume: every worker subscribes to them
   directly, because MQTT v5 does not deliver retained messages to shared subscriptions and a
@@ -298,7 +299,9 @@ class IngestWorker:
     def _refuse(self, message: Inbound, reason: str, text: str) -> None:
         self.metrics.reject(reason)
         self._log_refusal(reason, "refused message on %s: %s", message.topic, text)
-        if message.retained and message.topic.rsplit("/", 1)[-1] in RETAINED_CHANNELS:
+        if message.topic.rsplit("/", 1)[-1] in RETAINED_CHANNELS:
+            # Refused live or replayed, it is (or was published as) the topic's retained
+            # message: left there, every (re)starting worker would be sent it again.
             self._clear_retained(message.topic)
         message.ack()
 
