@@ -144,6 +144,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset_message(self) -> None:
         self._url = b""
+        self._head_size = 0
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
@@ -194,10 +195,7 @@ class _Connection(asyncio.Protocol):
             self._fail(HttpError(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {exc}"))
         else:
             if self._phase == _HEAD and self._head_bytes > self._limits.max_head_bytes:
-                self._fail(HttpError(
-                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    f"request line and headers over {self._limits.max_head_bytes} bytes",
-                ))
+                self._fail(self._head_too_large())
         self._answer_queue()
 
     def eof_received(self) -> bool | None:
@@ -213,12 +211,17 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """Sizes are counted here as well as per read: a whole head can come in one read."""
         headers = self._headers
+        self._head_size += len(name) + len(value) + 4
         if len(headers) >= self._limits.max_headers:
             raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                             f"more than {self._limits.max_headers} request headers")
+        if self._head_size > self._limits.max_head_bytes:
+            raise self._head_too_large()
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         if key == "content-length":
@@ -286,6 +289,10 @@ class _Connection(asyncio.Protocol):
         if limits.too_large_advice:
             message += f" ({limits.too_large_advice})"
         return HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, message)
+
+    def _head_too_large(self) -> HttpError:
+        return HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                         f"request line and headers over {self._limits.max_head_bytes} bytes")
 
     def _extend(self, seconds: float) -> None:
         if self._admitted:  # a refused connection keeps its first, short deadline

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from agent import npy
-from agent.npy import HEADER_CACHE_SIZE, dump_npy, load_npy
+from agent.npy import (
+    HEADER_CACHE_SIZE,
+    MAX_NPZ_MEMBERS,
+    NpyError,
+    NpyTooLargeError,
+    dump_npy,
+    load_array_body,
+    load_npy,
+    load_npz,
+)
 
 
 def _saved(array: np.ndarray) -> bytes:
@@ -74,3 +83,49 @@ def test_header_caches_stay_bounded_whatever_the_shapes():
         load_npy(dump_npy(array))
     assert 0 < len(npy._read_layouts) <= HEADER_CACHE_SIZE
     assert 0 < len(npy._written_headers) <= HEADER_CACHE_SIZE
+
+
+# -- untrusted bodies: sizes are checked before anything is allocated --------------------
+
+
+def test_a_header_declaring_more_data_than_the_body_holds_is_refused_before_allocating():
+    body = _saved(np.zeros(4, np.float32)).replace(b"(4,)", b"(4000000000000,)")
+    with pytest.raises(NpyError, match=r"declares shape \(4000000000000,\).*16000000000000 bytes"):
+        load_npy(body)
+
+
+def _npz(compressed: bool = False, **arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_bodies_agree_with_np_load(compressed: bool):
+    arrays = {"x": np.arange(12, dtype=np.float32).reshape(3, 4),
+              "scale": np.ones((3, 1), np.int64)}
+    loaded = load_array_body(_npz(compressed, **arrays), 1 << 20)
+    assert set(loaded) == {"x", "scale"}
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name], array)
+        assert loaded[name].dtype == array.dtype
+
+
+def test_npz_members_declaring_more_than_the_limit_in_all_are_refused():
+    body = _npz(True, a=np.zeros(1000, np.float64), b=np.zeros(1000, np.float64))
+    assert len(body) < 1000
+    with pytest.raises(NpyTooLargeError, match="declare 16256 bytes uncompressed"):
+        load_npz(body, 10_000)
+    assert set(load_npz(body, 20_000)) == {"a", "b"}
+
+
+def test_an_npz_with_too_many_members_is_refused_before_its_directory_is_read():
+    body = _npz(**{f"m{i}": np.zeros(1, np.uint8) for i in range(MAX_NPZ_MEMBERS + 1)})
+    with pytest.raises(NpyError, match=f"{MAX_NPZ_MEMBERS + 1} members"):
+        load_npz(body, 1 << 20)
+
+
+@pytest.mark.parametrize("body", [b"PK\x03\x04" + b"\x00" * 100, b"PK\x05\x06", b"PK\x03\x04"])
+def test_a_corrupt_npz_is_an_npy_error(body: bytes):
+    with pytest.raises(NpyError):
+        load_array_body(body, 1 << 20)
