@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from agent.contract import BundleRef, Channel, DesiredState, is_valid_device_id, topic, utcnow
 from fleet.db import dialect_insert
+from fleet.errors import InvalidRequestError, UnknownBundleError
 from fleet.models import DeviceDesired
 from fleet.registry import find_bundle
 from fleet.trust.director import sign_desired
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 Publisher = Callable[[str, bytes], None]  # (topic, payload) -> published retained, QoS 1
 
 
-class DeploymentError(ValueError):
+class DeploymentError(InvalidRequestError):
     """The deployment request is invalid; nothing was signed or published."""
+
+    reason = "invalid_deployment"
 
 
 def _locked_row(session: Session, device_id: str) -> DeviceDesired:
@@ -56,7 +59,7 @@ def assign(
     if bad:
         raise DeploymentError(f"invalid device ids: {bad[:5]}")
     if find_bundle(session, bundle.name, bundle.version) is None:
-        raise DeploymentError(f"no published bundle {bundle.name} v{bundle.version}")
+        raise UnknownBundleError(f"no published bundle {bundle.name} v{bundle.version}")
     signed: dict[str, tuple[int, bytes]] = {}
     for device_id in sorted(set(device_ids)):  # a fixed order: no deadlocks between deploys
         row = _locked_row(session, device_id)

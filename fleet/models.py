@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, field_validator
 from pydantic import Field as PydanticField
@@ -205,10 +205,14 @@ class DeviceDesired(SQLModel, table=True):
     issued_by: str = Field(default="", max_length=128)
 
 
+# Pydantic's patterns run on Rust's regex engine, where `$` is the end of the text.
+DeviceIdField = Annotated[str, PydanticField(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
 class DeploymentCreate(BaseModel):
     bundle: str = PydanticField(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     version: int = PydanticField(ge=0, lt=2**31)
-    devices: list[str] = PydanticField(min_length=1, max_length=10_000)
+    devices: list[DeviceIdField] = PydanticField(min_length=1, max_length=10_000)
 
 
 class DeploymentPublic(BaseModel):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 
 from fleet import __version__
 from fleet.api.routes import bundles, devices, repo, system
+from fleet.errors import FleetError
 from fleet.ingest import IngestWorker
 from fleet.trust.repository import FleetRepository
 
@@ -26,4 +28,11 @@ def create_app(
     app.include_router(devices.router, prefix="/api/v1")
     app.include_router(bundles.router, prefix="/api/v1")
     app.include_router(repo.router)
+    app.add_exception_handler(FleetError, _fleet_error)
     return app
+
+
+async def _fleet_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Every domain error, answered the same way (see ``fleet.errors``)."""
+    assert isinstance(exc, FleetError)
+    return JSONResponse({"detail": str(exc), "reason": exc.reason}, status_code=exc.status)

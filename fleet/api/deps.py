@@ -11,12 +11,28 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from sqlmodel import Session
 
+from fleet.errors import UnavailableError
+from fleet.ingest import IngestWorker
 from fleet.models import ApiToken, Role
 from fleet.tokens import authenticate
+from fleet.trust.repository import FleetRepository
 
-__all__ = ["AdminToken", "CurrentToken", "OperatorToken", "SessionDep", "require_role"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "AdminToken",
+    "CurrentToken",
+    "ErrorBody",
+    "IngestDep",
+    "OperatorToken",
+    "OptionalIngestDep",
+    "OptionalRepositoryDep",
+    "RepositoryDep",
+    "SessionDep",
+    "require_role",
+]
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -27,6 +43,49 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers itself (schema validation failures aside, which keep
+    FastAPI's list of problems): a message, and the stable reason of a domain error."""
+
+    detail: str
+    reason: str | None = None
+
+
+# What routes declare they may answer besides success and 422 (documented in OpenAPI).
+ERROR_RESPONSES: dict[int | str, dict] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 503)
+}
+
+
+def get_ingest(request: Request) -> IngestWorker:
+    ingest = request.app.state.ingest
+    if ingest is None:
+        raise UnavailableError("this fleet runs without a broker")
+    return ingest
+
+
+def get_repository(request: Request) -> FleetRepository:
+    repository = request.app.state.repository
+    if repository is None:
+        raise UnavailableError("this fleet runs without an update repository")
+    return repository
+
+
+def get_optional_ingest(request: Request) -> IngestWorker | None:
+    return request.app.state.ingest
+
+
+def get_optional_repository(request: Request) -> FleetRepository | None:
+    return request.app.state.repository
+
+
+IngestDep = Annotated[IngestWorker, Depends(get_ingest)]
+RepositoryDep = Annotated[FleetRepository, Depends(get_repository)]
+# For the routes that still answer without one (health, metrics, the open repository).
+OptionalIngestDep = Annotated[IngestWorker | None, Depends(get_optional_ingest)]
+OptionalRepositoryDep = Annotated[FleetRepository | None, Depends(get_optional_repository)]
 
 
 def get_current_token(

@@ -5,10 +5,10 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, HTTPException, Query, status
 
 from fleet import devices, telemetry
-from fleet.api.deps import CurrentToken, SessionDep
+from fleet.api.deps import ERROR_RESPONSES, CurrentToken, SessionDep
 from fleet.models import DeviceEventPublic, DevicePublic, HeartbeatRow
 
-router = APIRouter(prefix="/devices", tags=["devices"])
+router = APIRouter(prefix="/devices", tags=["devices"], responses=ERROR_RESPONSES)
 
 
 @router.get("", response_model=list[DevicePublic])

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
-router = APIRouter(prefix="/repo", tags=["repository"])
+from fleet.api.deps import ERROR_RESPONSES, OptionalRepositoryDep
+from fleet.trust.repository import FleetRepository
+
+router = APIRouter(prefix="/repo", tags=["repository"],
+                   responses={404: ERROR_RESPONSES[404]})
 
 _METADATA = re.compile(r"^(?:[0-9]{1,10}\.)?(?:root|targets|snapshot|timestamp)\.json$")
 _TARGET = re.compile(r"^[0-9a-f]{64}\.[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
-def _serve(request: Request, folder: str, name: str, pattern: re.Pattern[str]) -> FileResponse:
-    repository = request.app.state.repository
+def _serve(
+    repository: FleetRepository | None, folder: str, name: str, pattern: re.Pattern[str]
+) -> FileResponse:
     if repository is None or not pattern.fullmatch(name):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "not found")
     path = (repository.metadata_dir if folder == "metadata" else repository.targets_dir) / name
@@ -34,10 +39,10 @@ def _serve(request: Request, folder: str, name: str, pattern: re.Pattern[str]) -
 
 
 @router.get("/metadata/{name}")
-def metadata(name: str, request: Request) -> FileResponse:
-    return _serve(request, "metadata", name, _METADATA)
+def metadata(name: str, repository: OptionalRepositoryDep) -> FileResponse:
+    return _serve(repository, "metadata", name, _METADATA)
 
 
 @router.get("/targets/{name}")
-def target(name: str, request: Request) -> FileResponse:
-    return _serve(request, "targets", name, _TARGET)
+def target(name: str, repository: OptionalRepositoryDep) -> FileResponse:
+    return _serve(repository, "targets", name, _TARGET)

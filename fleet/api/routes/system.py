@@ -4,34 +4,39 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
 from agent.contract import utcnow
 from fleet import telemetry, tokens
-from fleet.api.deps import AdminToken, CurrentToken, SessionDep
+from fleet.api.deps import (
+    ERROR_RESPONSES,
+    AdminToken,
+    CurrentToken,
+    OptionalIngestDep,
+    SessionDep,
+)
 from fleet.models import TokenPublic
 
 router = APIRouter()
 
 
 @router.get("/healthz", tags=["system"])
-def healthz(request: Request) -> dict:
-    ingest = request.app.state.ingest
+def healthz(ingest: OptionalIngestDep) -> dict:
     return {
         "status": "ok",
         "ingest_connected": ingest.link.connected if ingest is not None else None,
     }
 
 
-@router.get("/api/v1/metrics", tags=["system"])
-def metrics(request: Request, _: CurrentToken) -> dict:
-    ingest = request.app.state.ingest
+@router.get("/api/v1/metrics", tags=["system"], responses=ERROR_RESPONSES)
+def metrics(ingest: OptionalIngestDep, _: CurrentToken) -> dict:
     if ingest is None:
         return {"ingest": None}
     return {"ingest": {**ingest.metrics.snapshot(), "queue_depth": ingest.queue_depth}}
 
 
-@router.get("/api/v1/tokens", tags=["system"], response_model=list[TokenPublic])
+@router.get("/api/v1/tokens", tags=["system"], response_model=list[TokenPublic],
+            responses=ERROR_RESPONSES)
 def list_tokens(session: SessionDep, _: AdminToken) -> list[TokenPublic]:
     return [
         TokenPublic(
@@ -45,7 +50,7 @@ def list_tokens(session: SessionDep, _: AdminToken) -> list[TokenPublic]:
     ]
 
 
-@router.get("/api/v1/telemetry/summary", tags=["telemetry"])
+@router.get("/api/v1/telemetry/summary", tags=["telemetry"], responses=ERROR_RESPONSES)
 def telemetry_summary(
     session: SessionDep,
     _: CurrentToken,
