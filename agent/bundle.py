@@ -27,6 +27,7 @@ from typing import IO
 from agent.contract import (
     MANIFEST_NAME,
     MAX_BUNDLE_FILES,
+    MAX_MANIFEST_BYTES,
     BundleManifest,
     MessageRejected,
     decode,
@@ -50,7 +51,6 @@ __all__ = [
 ]
 
 COMPLETE_MARKER = ".complete"
-MAX_MANIFEST_BYTES = 1024 * 1024
 _CHUNK = 1024 * 1024
 
 

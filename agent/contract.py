@@ -39,8 +39,12 @@ from msgspec import Meta
 __all__ = [
     "DEVICE_CHANNELS",
     "DEVICE_ID_PATTERN",
+    "DIRECTOR_FIELD",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "MAX_MESSAGE_BYTES",
+    "SAMPLE_EXPECTED_PREFIX",
+    "SAMPLE_INPUT_PREFIX",
     "SCHEMA_VERSION",
     "TOPIC_ROOT",
     "ActiveModel",
@@ -72,6 +76,7 @@ __all__ = [
     "fit_detail",
     "is_valid_device_id",
     "parse_topic",
+    "signed_bytes",
     "to_data",
     "to_json",
     "topic",
@@ -346,6 +351,11 @@ class SignedDesiredState(_Strict, kw_only=True):
 # ---------------------------------------------------------------------------------------
 
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 1024 * 1024
+# ``samples.npz``: the health check's inputs and the outputs the model gave at build time,
+# under these key prefixes followed by the tensor's name.
+SAMPLE_INPUT_PREFIX = "input:"
+SAMPLE_EXPECTED_PREFIX = "expected:"
 MAX_BUNDLE_FILES = 16
 MAX_TENSORS = 64
 MAX_FEATURES = 4096
@@ -413,6 +423,25 @@ class BundleManifest(_Strict, kw_only=True):
     def target_name(self) -> str:
         """The bundle's file name in the repository (a TUF target path)."""
         return f"{self.name}-{self.version}.bundle"
+
+
+# ---------------------------------------------------------------------------------------
+# What is signed: a desired state's ``signed`` object, as canonical JSON (the TUF/OLPC form
+# securesystemslib writes: sorted keys, no whitespace), verified against the director keys
+# the trusted TUF root names under DIRECTOR_FIELD in its signed body.
+# ---------------------------------------------------------------------------------------
+
+DIRECTOR_FIELD = "x-edgefleet-director"
+
+
+def signed_bytes(signed: dict[str, Any]) -> bytes:
+    """The exact bytes a director signature covers (fleet signs them, agent verifies).
+
+    securesystemslib comes with the trust code on both sides (``tuf``); it is imported here,
+    not at the top, so the contract alone still needs nothing but msgspec."""
+    from securesystemslib.formats import encode_canonical
+
+    return encode_canonical(signed).encode()
 
 
 _MODEL_FOR_CHANNEL: dict[Channel, type[DeviceMessage]] = {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.contract import BundleManifest
+from agent.contract import SAMPLE_EXPECTED_PREFIX, SAMPLE_INPUT_PREFIX, BundleManifest
 from agent.errors import HealthCheckError
 from agent.runtime import Engine, EngineError, load_engine
 
@@ -30,8 +30,8 @@ __all__ = ["EXPECTED_PREFIX", "INPUT_PREFIX", "load_samples", "open_checked_engi
 
 log = logging.getLogger(__name__)
 
-INPUT_PREFIX = "input:"
-EXPECTED_PREFIX = "expected:"
+INPUT_PREFIX = SAMPLE_INPUT_PREFIX
+EXPECTED_PREFIX = SAMPLE_EXPECTED_PREFIX
 
 
 # Bounds the memory a samples file can make the device allocate (the zip's stated sizes

@@ -19,6 +19,8 @@ import numpy as np
 from agent.contract import (
     MANIFEST_NAME,
     MAX_HISTOGRAM_BINS,
+    SAMPLE_EXPECTED_PREFIX,
+    SAMPLE_INPUT_PREFIX,
     Baseline,
     BaselineHistogram,
     BundleManifest,
@@ -30,7 +32,6 @@ from agent.contract import (
     utcnow,
     validated,
 )
-from agent.health import EXPECTED_PREFIX, INPUT_PREFIX
 from agent.runtime import Engine, TensorSpec, load_engine
 
 __all__ = ["BuildError", "BuiltBundle", "build_bundle", "compute_baseline"]
@@ -165,8 +166,8 @@ def build_bundle(
     samples_buffer = io.BytesIO()
     np.savez(
         samples_buffer,
-        **{INPUT_PREFIX + k: v for k, v in prepared.items()},
-        **{EXPECTED_PREFIX + k: v for k, v in expected.items()},
+        **{SAMPLE_INPUT_PREFIX + k: v for k, v in prepared.items()},
+        **{SAMPLE_EXPECTED_PREFIX + k: v for k, v in expected.items()},
     )
     members: dict[str, bytes] = {model_file: model_bytes, "samples.npz": samples_buffer.getvalue()}
     if baseline_doc is not None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from agent.bundle import MAX_MANIFEST_BYTES
-from agent.contract import BundleManifest, convert, to_data
+from agent.contract import MAX_MANIFEST_BYTES, BundleManifest, convert, to_data
 from fleet.bundle_build import BuildError, manifest_json
 from fleet.models import Bundle
 from fleet.trust.repository import FleetRepository

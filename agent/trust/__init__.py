@@ -1,5 +1,5 @@
 """Trust on the device: the TUF client for bundles, signatures on desired states."""
 
-DIRECTOR_FIELD = "x-edgefleet-director"
+from agent.contract import DIRECTOR_FIELD  # where the root names the director keys
 
 __all__ = ["DIRECTOR_FIELD"]

@@ -13,18 +13,12 @@ import json
 from pathlib import Path
 
 from securesystemslib.exceptions import UnverifiedSignatureError
-from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature, SSlibKey
 
-from agent.contract import SignedDesiredState
+from agent.contract import DIRECTOR_FIELD, SignedDesiredState, signed_bytes
 from agent.errors import UnsignedDesiredStateError
-from agent.trust import DIRECTOR_FIELD
 
-__all__ = ["DirectorKeys", "canonical_bytes", "verify_desired"]
-
-
-def canonical_bytes(signed: dict) -> bytes:
-    return encode_canonical(signed).encode()
+__all__ = ["DirectorKeys", "verify_desired"]
 
 
 class DirectorKeys:
@@ -50,7 +44,7 @@ class DirectorKeys:
 
 def verify_desired(envelope: SignedDesiredState, raw_signed: dict, keys: DirectorKeys) -> None:
     """Raise UnsignedDesiredStateError unless ``threshold`` director keys signed it."""
-    data = canonical_bytes(raw_signed)
+    data = signed_bytes(raw_signed)
     valid = set()
     for entry in envelope.signatures:
         key = keys.keys.get(entry.keyid)

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 from securesystemslib.signer import Signer
 
-from agent.contract import DesiredState, SignatureEntry, SignedDesiredState, encode, to_data
-from agent.trust.desired import canonical_bytes
+from agent.contract import (
+    DesiredState,
+    SignatureEntry,
+    SignedDesiredState,
+    encode,
+    signed_bytes,
+    to_data,
+)
 
 __all__ = ["sign_desired"]
 
 
 def sign_desired(desired: DesiredState, signer: Signer) -> bytes:
     signed = to_data(desired)
-    signature = signer.sign(canonical_bytes(signed))
+    signature = signer.sign(signed_bytes(signed))
     envelope = SignedDesiredState(
         signed=desired, signatures=[SignatureEntry(keyid=signature.keyid, sig=signature.signature)]
     )

@@ -43,8 +43,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.contract import utcnow
-from agent.trust import DIRECTOR_FIELD
+from agent.contract import DIRECTOR_FIELD, utcnow
 
 __all__ = ["ONLINE_ROLES", "Expiry", "FleetRepository", "RepositoryConfigError"]
 

@@ -25,3 +25,4 @@ def test_the_daemon_imports_none_of_the_fleet_libraries():
     )
     assert "msgspec" in loaded  # the contract is imported, so the check is meaningful
     assert [name for name in FLEET_ONLY if name in loaded] == []
+    assert "fleet" not in loaded, "the device imports no fleet code (tests/test_boundaries.py)"
