@@ -60,6 +60,7 @@ __all__ = ["SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
 log = logging.getLogger(__name__)
 
 SHARED_GROUP = "fleet"
+FLEET_ACCOUNT_PREFIX = "edgefleet-fleet-"
 RATE_WINDOW_S = 10
 REFUSAL_LOG_BURST = 10
 RETAINED_CHANNELS = frozenset({Channel.STATUS.value, Channel.REPORTED.value})
@@ -187,7 +188,11 @@ class IngestWorker:
         self._log_refusal = _RefusalLog()
         self.link = MqttLink(
             broker,
-            client_id=f"edgefleet-fleet-{worker_id or uuid.uuid4().hex[:12]}",
+            # A production broker binds each fleet account to its own client id: a worker
+            # account's user name is that id (deploy/mosquitto/add-account.sh).
+            client_id=(broker.username if broker.username
+                       and broker.username.startswith(FLEET_ACCOUNT_PREFIX)
+                       else f"{FLEET_ACCOUNT_PREFIX}{worker_id or uuid.uuid4().hex[:12]}"),
             on_message=self._enqueue,
             on_connect=self._subscribe,
             manual_ack=True,
