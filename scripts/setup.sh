@@ -17,6 +17,11 @@ fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   apt_missing+=(mosquitto)
 fi
+# mosquitto_rr: deploy/mosquitto/add-account.sh manages broker accounts with it (the test
+# brokers run that script too).
+if ! command -v mosquitto_rr >/dev/null 2>&1; then
+  apt_missing+=(mosquitto-clients)
+fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "==> installing system packages: ${apt_missing[*]}"
   as_root apt-get update -qq
