@@ -60,8 +60,11 @@ def _run_service(
     log_level: str,
     local_agent_id: str | None = None,
 ) -> None:
+    from fleet.data_dir import DataDirBusy
     from fleet.local_broker import BrokerNotFound
+    from fleet.serve import ServeError
     from fleet.serve import serve as run_service
+    from fleet.tokens import AdminTokenConflict
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -76,7 +79,7 @@ def _run_service(
             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
             local_agent_id=local_agent_id,
         )
-    except (BrokerNotFound, ValueError) as exc:
+    except (BrokerNotFound, DataDirBusy, ServeError, AdminTokenConflict, ValueError) as exc:
         err.print(f"error: {exc}", highlight=False)
         raise typer.Exit(2) from None
 

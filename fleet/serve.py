@@ -24,15 +24,16 @@ from agent.contract import utcnow
 from agent.mqtt import BrokerAddress
 from fleet import telemetry
 from fleet.api import create_app
+from fleet.data_dir import DataDirLock, local_broker_port
 from fleet.db import init_db, make_engine
 from fleet.ingest import IngestWorker
-from fleet.local_broker import LocalBroker
+from fleet.local_broker import LocalBroker, free_port
 from fleet.periodic import Periodic
 from fleet.settings import Settings
 from fleet.tokens import ensure_admin_token
 from fleet.trust.repository import FleetRepository
 
-__all__ = ["serve"]
+__all__ = ["LocalBrokerPortTaken", "ServeError", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,21 @@ def _expire_telemetry(engine, settings: Settings) -> str | None:
     with Session(engine) as session:
         deleted = telemetry.delete_older_than(session, cutoff)
     return f"deleted {deleted} heartbeats older than {cutoff:%Y-%m-%d %H:%M}" if deleted else None
+
+
+class ServeError(RuntimeError):
+    """The fleet cannot start as configured; the message says what to change."""
+
+
+class LocalBrokerPortTaken(ServeError):
+    """The local broker cannot listen where this data directory's agents expect it."""
+
+
+def _port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        return probe.connect_ex((probe_host, port)) == 0
 
 
 def _exit_on_signal(_signum: int, _frame: object) -> None:
@@ -78,7 +94,18 @@ def serve(
     local_agent_id: str | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM. ``local_agent_id`` also runs an agent (the quickstart)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with DataDirLock(settings.data_dir):
+        _serve_locked(settings, say, local_agent_id)
+
+
+def _serve_locked(
+    settings: Settings, say: Callable[[str], None], local_agent_id: str | None
+) -> None:
+    if _port_taken(settings.port, settings.host):
+        raise ServeError(
+            f"the API address {settings.host}:{settings.port} is in use: stop what listens "
+            "there, or choose another with --port (EDGEFLEET_PORT)"
+        )
     engine = make_engine(settings.resolved_database_url)
     init_db(engine)
     say(f"database: {engine.url.render_as_string(hide_password=True)}")
@@ -101,7 +128,18 @@ def serve(
     local_broker = None
     broker_url = settings.broker_url
     if broker_url is None:
-        local_broker = LocalBroker(settings.data_dir / "broker").start()
+        port = local_broker_port(settings.data_dir, free_port)
+        local_broker = LocalBroker(settings.data_dir / "broker", port)
+        try:
+            local_broker.start()
+        except RuntimeError as exc:
+            if _port_taken(port):
+                raise LocalBrokerPortTaken(
+                    f"the local broker's port 127.0.0.1:{port} (kept for this data directory "
+                    f"in {settings.data_dir / 'broker-port'}, so agents find it again) is in "
+                    "use by another program: stop it, or give --broker URL"
+                ) from None
+            raise LocalBrokerPortTaken(f"the local broker did not start: {exc}") from None
         broker_url = local_broker.url
         say(f"broker: {broker_url} (local mosquitto, log {local_broker.log_path})")
     else:

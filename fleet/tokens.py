@@ -77,6 +77,10 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class AdminTokenConflict(RuntimeError):
+    """The data directory's admin token file belongs to another database."""
+
+
 def ensure_admin_token(engine: Engine, token_file: Path) -> bool:
     """On first start (no tokens at all), create an admin token into ``token_file``.
 
@@ -86,6 +90,14 @@ def ensure_admin_token(engine: Engine, token_file: Path) -> bool:
     with Session(engine) as session:
         if session.exec(select(ApiToken.id).limit(1)).first() is not None:
             return False
+        if token_file.exists():
+            # A token of another database (this one has none): overwriting it would lock
+            # that fleet's CLI out with a bare 401. A credential is never overwritten.
+            raise AdminTokenConflict(
+                f"{token_file} holds an admin token, but the database has no tokens at all: "
+                "the file belongs to another database. Use another --data-dir for this one, "
+                f"or move {token_file} away if its fleet is gone"
+            )
         token = new_token()
         # The file first: if it cannot be written, no token exists that nobody holds, and
         # the next start tries again.
