@@ -93,8 +93,12 @@ def _build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--state-dir", type=Path, default=state_dir_default)
     enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
 
-    rollback = commands.add_parser("rollback", help="switch back to the previous model")
+    rollback = commands.add_parser(
+        "rollback", help="switch back to the previous model (once; the fleet is told)"
+    )
     rollback.add_argument("--state-dir", type=Path, default=state_dir_default)
+    rollback.add_argument("--timeout", type=float, default=180.0,
+                          help="seconds to wait for the running agent (default 180)")
 
     infer = commands.add_parser("infer", help="run a model on input data, print JSON outputs")
     infer.add_argument("model", type=Path, help="a .onnx or .tflite model file")
@@ -144,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.contract import is_valid_device_id
     from agent.daemon import AgentConfig, AgentDaemon
     from agent.mqtt import BrokerAddress
+    from agent.slots import SlotsBusyError
     from agent.trust.download import DownloadLimits
 
     if not is_valid_device_id(args.device_id):
@@ -197,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
                 download=download,
             )
         )
-    except OSError as exc:  # state directory not writable, endpoint port taken, ...
+    except (OSError, SlotsBusyError) as exc:  # state dir not writable, port taken, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -231,20 +236,58 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    """Ask the running agent to roll back (it reports ``rolled_back`` to the fleet); with
+    no agent running, roll back on disk under the slots' lock (reported at its start)."""
+    from agent.control import NoDaemonError, request, socket_path
+
+    path = socket_path(args.state_dir)
+    try:
+        reply = request(path, "rollback", timeout=args.timeout)
+    except NoDaemonError:
+        return _rollback_offline(args.state_dir)
+    except (OSError, ValueError) as exc:  # a timeout, a daemon that died mid-way
+        print(f"error: no answer from the agent on {path}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"error: {reply.get('error', reply)}", file=sys.stderr)
+        return 1
+    print(f"rolled back to {_label(reply['to'])} from {_label(reply['from'])} "
+          f"(slot {reply['slot']}); reported to the fleet")
+    return 0
+
+
+def _label(ref: dict) -> str:
+    return f"{ref['name']} v{ref['version']}"
+
+
+def _rollback_offline(state_dir: Path) -> int:
+    from agent.contract import to_data
     from agent.errors import UpdateError
     from agent.installer import Installer
+    from agent.reconciler import Reconciler
+    from agent.state import AgentState
 
-    installer = Installer(
-        args.state_dir, lambda: None, lambda *a, **k: None, max_bundle_bytes=0
-    )
+    installer = Installer(state_dir, lambda: None, lambda *a, **k: None, max_bundle_bytes=0)
+    if not installer.slots.try_lock():
+        print(f"error: an agent owns {state_dir} but does not answer on its control socket",
+              file=sys.stderr)
+        return 1
+    state = AgentState(state_dir)
     try:
-        loaded = installer.rollback()
+        reconciler = Reconciler(
+            state, installer, emit=None, current=lambda: None,
+            on_swap=lambda loaded: loaded.engine.close(),
+        )
+        record = reconciler.rollback()
     except UpdateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    loaded.engine.close()
-    print(f"rolled back to {loaded.manifest.name} v{loaded.manifest.version} "
-          f"(slot {loaded.slot}); a running agent switches within one heartbeat")
+    finally:
+        state.close()
+        installer.slots.unlock()
+    print(f"rolled back to {_label(to_data(record.to_ref))} from "
+          f"{_label(to_data(record.from_ref))} (slot {record.slot}); no agent is running: "
+          "it reports this to the fleet when it starts")
     return 0
 
 

@@ -10,7 +10,16 @@ What the fleet can rely on while this runs:
 * a ``desired`` state is recorded only if it is addressed to this device and its generation
   is newer than the one accepted before; an equal generation is the retained copy coming
   back after a reconnect and is ignored; an older one is refused and reported as an event.
-  (Fetching and installing the named bundle is built on top of this.)
+* an accepted desired state goes to the reconciler (:mod:`agent.reconciler`), the one
+  owner of the model slots, which installs it, cancelling an install it supersedes.
+* ``edge-agent rollback`` reaches the running daemon over its control socket
+  (:mod:`agent.control`); the rollback runs on the reconciler's thread and is reported to
+  the fleet as ``rolled_back``. The daemon holds the slots' lock file for its whole life:
+  no other process changes the slots while it runs.
+
+Threads: paho's network thread only queues desired-state payloads; the intake thread
+verifies and accepts them (it may refresh TUF metadata); the reconciler thread installs,
+rolls back and switches; the main thread queues heartbeats.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import platform
 import queue
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -43,6 +53,7 @@ from agent.contract import (
     topic,
     utcnow,
 )
+from agent.control import ControlServer, socket_path
 from agent.endpoint import DEFAULT_MAX_REQUEST_BYTES, InferenceEndpoint
 from agent.errors import (
     StaleDesiredStateError,
@@ -54,13 +65,16 @@ from agent.installer import Installer, LoadedModel
 from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
 from agent.outbox import Outbox, OutboxDrainer, Pending
 from agent.process_stats import ProcessSampler, release_free_memory
+from agent.reconciler import Reconciler
 from agent.runtime import EngineOptions
 from agent.serving import ModelHost
+from agent.slots import SlotsBusyError
 from agent.state import AgentState
 from agent.stats import InferenceStats
 from agent.trust.download import DownloadLimits
 
 if TYPE_CHECKING:
+    from agent.contract import DesiredState
     from agent.trust.client import BundleClient
 
 __all__ = ["AgentConfig", "AgentDaemon", "platform_info"]
@@ -89,6 +103,8 @@ def platform_info() -> PlatformInfo:
 DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 # A heartbeat older than this says nothing useful: it expires in the outbox and the broker.
 HEARTBEAT_EXPIRY_S = 24 * 3600
+# How long `edge-agent rollback` waits for the daemon: loading and checking the model.
+ROLLBACK_REPLY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,19 @@ class AgentDaemon:
             config.state_dir, self.client, self._event, config.max_bundle_bytes,
             engine_options=config.engine,
         )
+        if not self.installer.slots.try_lock():
+            raise SlotsBusyError(
+                f"another edge-agent is running with state directory {config.state_dir}"
+            )
         self.host = ModelHost(self.stats)
+        self.reconciler = Reconciler(
+            self.state, self.installer, emit=self._event, current=lambda: self.host.current,
+            on_swap=self._swap_model, retry_initial_s=config.retry_initial_s,
+            retry_max_s=config.retry_max_s,
+        )
+        self.control = ControlServer(
+            socket_path(config.state_dir), {"rollback": self._control_rollback}
+        )
         # Bound here, so a taken port is an error at start-up, not a dead thread later.
         self.endpoint: InferenceEndpoint | None = None
         if config.listen is not None or config.socket_path is not None:
@@ -136,11 +164,10 @@ class AgentDaemon:
                 socket_path=config.socket_path,
                 max_request_bytes=config.max_request_bytes,
             )
-        # Desired-state payloads go to one worker thread: verification may refresh TUF
-        # metadata and installs take long; neither may run in paho's network thread.
+        # Desired-state payloads go to the intake thread: verification may refresh TUF
+        # metadata, which may not run in paho's network thread.
         self._work: queue.Queue[bytes | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work_loop, name="installer", daemon=True)
-        self._retry_delay = config.retry_initial_s
+        self._worker = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         self._stop = threading.Event()
         self._publish_lock = threading.Lock()
         # The connection id is the seq reserved for that connection's Last Will.
@@ -247,40 +274,28 @@ class AgentDaemon:
         if message.payload:  # an empty retained payload clears the desired state
             self._work.put(message.payload)
 
-    # ---------------------------------------------------------------- the worker
+    # ---------------------------------------------------------------- the intake
 
-    def _work_loop(self) -> None:
-        """Accept desired states and reconcile, one thing at a time, retrying failures."""
-        timeout: float | None = 0  # reconcile once at start-up
-        while True:
+    def _intake_loop(self) -> None:
+        """Verify and accept desired states; the reconciler acts on them."""
+        while (payload := self._work.get()) is not None:
             try:
-                payload = self._work.get(timeout=timeout)
-            except queue.Empty:
-                payload = b""
-            if payload is None:
-                return
-            try:
-                if payload:
-                    self._accept_desired(payload)
-                retry = self._reconcile()
-            except Exception:  # the worker must outlive any bug
-                log.exception("installer worker failed")
-                retry = True
-            if retry:
-                timeout = self._retry_delay
-                self._retry_delay = min(self._retry_delay * 2, self.config.retry_max_s)
-            else:
-                timeout = None
-                self._retry_delay = self.config.retry_initial_s
+                accepted = self._accept_desired(payload)
+            except Exception:  # the intake must outlive any bug
+                log.exception("desired-state intake failed")
+                continue
+            if accepted is not None:
+                self.reconciler.desired_changed(accepted)
 
-    def _accept_desired(self, payload: bytes) -> None:
+    def _accept_desired(self, payload: bytes) -> DesiredState | None:
+        """The desired state in ``payload`` if it is new and verified; None otherwise."""
         try:
             envelope, raw_signed = decode_desired(self.config.device_id, payload)
             self._verify_desired(envelope, raw_signed)
             desired = envelope.signed
             current = self.state.desired()
             if current is not None and desired.generation == current.generation:
-                return  # the retained copy, seen again after a reconnect
+                return None  # the retained copy, seen again after a reconnect
             if not self.state.accept_desired(desired):
                 raise StaleDesiredStateError(
                     f"refused desired generation {desired.generation}: generation "
@@ -290,16 +305,16 @@ class AgentDaemon:
             reason = "unsigned_desired_state" if exc.reason == "unsigned" else exc.reason
             log.warning("refused desired state: %s", exc)
             self._event("desired_rejected", reason=reason, detail=exc.detail)
-            return
+            return None
         except UpdateError as exc:
             log.warning("refused desired state: %s", exc)
             self._event("desired_rejected", reason=exc.reason, detail=str(exc))
-            return
+            return None
         bundle = to_data(desired.bundle) if desired.bundle else None
         log.info("accepted desired generation %d: bundle %s", desired.generation, bundle)
         self._event("desired_received", generation=desired.generation, bundle=bundle)
-        self._retry_delay = self.config.retry_initial_s
         self._publish_reported()
+        return desired
 
     def _verify_desired(self, envelope, raw_signed: dict) -> None:
         from agent.trust.desired import verify_desired
@@ -320,25 +335,6 @@ class AgentDaemon:
                 raise
             verify_desired(envelope, raw_signed, client.director_keys())
 
-    def _reconcile(self) -> bool:
-        """Act on the accepted desired state if not done yet; True = try again later."""
-        desired = self.state.desired()
-        if desired is None or desired.generation <= self.state.applied_generation:
-            return False
-        if desired.bundle is None:
-            self.state.mark_applied(desired.generation)
-            return False
-        installed = self.installer.install(desired.bundle, self.host.current)
-        if installed is None:
-            error = self.installer.last_error
-            if error is None or not error.final:  # final: the same bytes fail again
-                log.info("will retry the install in %.0fs", self._retry_delay)
-                return True
-        else:
-            self._swap_model(installed)
-        self.state.mark_applied(desired.generation)
-        return False
-
     def _swap_model(self, new: LoadedModel) -> None:
         """Requests in flight finish on the old engine; new ones go to ``new``."""
         self.host.swap(new)
@@ -346,17 +342,17 @@ class AgentDaemon:
         if self.link.connected:
             self._publish_reported()
 
-    def _follow_external_switch(self) -> None:
-        """``edge-agent rollback`` switches slots on disk; serve what ``current`` says."""
-        active = self.installer.slots.active()
-        current = self.host.current
-        if active is None or (current is not None and current.slot == active):
-            return
-        loaded = self.installer.load_active()
-        if loaded is not None:
-            log.info("slot switched on disk: now serving %s v%d",
-                     loaded.manifest.name, loaded.manifest.version)
-            self._swap_model(loaded)
+    def _control_rollback(self) -> dict:
+        """``edge-agent rollback``, asked over the control socket."""
+        reply = self.reconciler.request_rollback()
+        try:
+            record = reply.result(timeout=ROLLBACK_REPLY_TIMEOUT_S)
+        except UpdateError as exc:
+            return {"ok": False, "reason": exc.reason, "error": str(exc)}
+        except FutureTimeout:
+            return {"ok": False, "reason": "timeout",
+                    "error": f"no answer from the agent within {ROLLBACK_REPLY_TIMEOUT_S:.0f}s"}
+        return {"ok": True, **record.event_detail()}
 
     def heartbeat(self) -> HeartbeatTelemetry:
         sample = self._sampler.sample()
@@ -391,6 +387,7 @@ class AgentDaemon:
         if self.endpoint is not None:
             self.endpoint.start()
         self.link.start()  # publishes made before the connection is up are queued
+        # Still the only thread to touch the slots: the reconciler starts below.
         loaded = self.installer.load_active()
         if loaded is not None:
             log.info("serving %s v%d from slot %s", loaded.manifest.name,
@@ -402,18 +399,22 @@ class AgentDaemon:
             agent_version=__version__,
             model=to_data(current.manifest.ref) if current else None,
         )
+        self.reconciler.start()
         self._worker.start()
+        self.control.start()
         self.drainer.start()
         try:
             while not self._stop.wait(self.config.interval_s):
-                self._follow_external_switch()
+                self.reconciler.follow_disk()
                 self._queue_heartbeat()  # also while offline: the outbox keeps it
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self.control.stop()
         self._work.put(None)
         self._worker.join(timeout=5)
+        self.reconciler.stop()  # cancels an install in progress: it resumes at the next start
         if self.link.connected:  # give the backlog a moment to reach the broker
             deadline = time.monotonic() + 2
             while self.outbox.stats().depth and time.monotonic() < deadline:
@@ -432,4 +433,5 @@ class AgentDaemon:
         self.host.close()
         self.outbox.close()
         self.state.close()
+        self.installer.slots.unlock()
         log.info("agent stopped")

@@ -26,6 +26,7 @@ __all__ = [
     "InstallIOError",
     "LengthOrHashMismatchError",
     "ManifestError",
+    "RollbackRefusedError",
     "StaleDesiredStateError",
     "TrustError",
     "UnknownTargetError",
@@ -103,6 +104,13 @@ class InstallIOError(InstallError):
     """The device's disk failed us (full, read-only, gone): not the bundle's fault."""
 
     reason = "io_error"
+
+
+class RollbackRefusedError(InstallError):
+    """``edge-agent rollback`` with nothing to go back to, or when going "back" would go
+    forward again (a second rollback in a row)."""
+
+    reason = "rollback_refused"
 
 
 class CancelledError(UpdateError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.bundle import extract_bundle, verify_slot
+from agent.bundle import extract_bundle, read_manifest, verify_slot
 from agent.cancel import Cancel
 from agent.contract import BundleManifest, BundleRef, to_data
 from agent.errors import (
@@ -158,15 +158,23 @@ class Installer:
         log.info("now serving %s v%d from slot %s", ref.name, ref.version, staged)
         return LoadedModel(staged, manifest, engine)
 
-    def rollback(self) -> LoadedModel:
-        """Switch to the other slot if it holds a complete, verified, healthy install."""
-        self.slots.recover()
-        other = self.slots.inactive()
-        if self.slots.active() is None or not self.slots.is_complete(other):
-            raise InstallError("no previous model to roll back to")
-        loaded = self._load_slot(other)
-        self.slots.activate(other)
-        self.emit("rolled_back", slot=other, bundle=to_data(loaded.manifest.ref))
+    def slot_ref(self, name: str) -> BundleRef | None:
+        """What a complete slot holds, by its manifest (not re-hashed); None if nothing."""
+        if not self.slots.is_complete(name):
+            return None
+        try:
+            return read_manifest(self.slots.path(name)).ref
+        except UpdateError:
+            return None
+
+    def switch_to(self, name: str) -> LoadedModel:
+        """Make slot ``name`` active after verifying and health-checking it (a rollback)."""
+        loaded = self._load_slot(name)
+        try:
+            self.slots.activate(name)
+        except BaseException:
+            loaded.engine.close()
+            raise
         return loaded
 
     def _manifest(self, slot: str, ref: BundleRef) -> BundleManifest:

@@ -9,10 +9,17 @@ The switch writes ``current.new`` pointing at the other slot, fsyncs the directo
 it over ``current`` (atomic on POSIX) and fsyncs again. A power cut at any moment leaves
 ``current`` at the old slot or the new one, both complete; a stray ``current.new`` is
 removed at start-up. The inactive slot is the only one ever written.
+
+One owner at a time: the slots are only changed by a process holding ``slots.lock``
+(:meth:`Slots.try_lock`, an ``flock`` the kernel releases when the process dies). The
+daemon holds it for its whole life and changes the slots from one thread (the
+reconciler); ``edge-agent rollback`` asks the daemon, and takes the lock itself only when
+no daemon runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -20,9 +27,13 @@ from pathlib import Path
 from agent.bundle import COMPLETE_MARKER, fsync_dir
 from agent.faults import crash_point
 
-__all__ = ["SLOT_NAMES", "Slots"]
+__all__ = ["SLOT_NAMES", "Slots", "SlotsBusyError"]
 
 SLOT_NAMES = ("a", "b")
+
+
+class SlotsBusyError(RuntimeError):
+    """Another process owns these slots (a running agent)."""
 
 
 class Slots:
@@ -31,6 +42,25 @@ class Slots:
         self.slots_dir = state_dir / "slots"
         self.link = state_dir / "current"
         self.slots_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+
+    def try_lock(self) -> bool:
+        """Become the one process that changes these slots; False if another one is."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self.state_dir / "slots.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def path(self, name: str) -> Path:
         return self.slots_dir / name

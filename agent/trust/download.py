@@ -20,6 +20,7 @@ last 60 s, floor 1024 B/s`` or ``deadline exceeded: ...``), or
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -96,6 +97,15 @@ class _Interruptible(Protocol):
     def shutdown(self) -> None: ...
 
 
+def _shutdown(response: _Interruptible | None) -> None:
+    """Make a blocked read on ``response`` return now (its socket is shut down)."""
+    if response is None:
+        return
+    # RuntimeError: the body was read to its end and the connection is back in the pool
+    with contextlib.suppress(RuntimeError):
+        response.shutdown()
+
+
 class DownloadWatch:
     """The IO around a :class:`DownloadMeter`, for one download (a context manager)."""
 
@@ -144,17 +154,15 @@ class DownloadWatch:
 
     def _interrupt(self) -> None:
         self._stopped.set()
-        with self._lock:
-            response = self._response
-        if response is not None:
-            response.shutdown()  # the blocked read returns now
+        with self._lock:  # not while the reader hands the connection back to its pool
+            _shutdown(self._response)
 
     def attach(self, response: _Interruptible | None) -> None:
         """The response being read (None when done): what an interrupt shuts down."""
         with self._lock:
             self._response = response
-        if response is not None and self._stopped.is_set():
-            response.shutdown()
+            if self._stopped.is_set():
+                _shutdown(response)
 
     def check(self) -> None:
         """Raise if the download must stop: cancelled, too slow or past its deadline."""

@@ -19,6 +19,9 @@ from tuf.api.metadata import Metadata, MetaFile, TargetFile
 
 from agent.bundle import verify_slot
 from agent.contract import BundleRef, utcnow
+from agent.errors import RollbackRefusedError
+from agent.reconciler import Reconciler
+from agent.state import AgentState
 from tests.fixtures.bundles import file_member, read_members, relist, write_members
 from tests.fixtures.models import build_mlp_onnx
 from tests.fixtures.trust import make_device_side
@@ -249,13 +252,34 @@ def test_download_resumes_after_a_dropped_connection(
     assert 0 < resumed_from <= 3000
 
 
-def test_rollback_switches_to_the_previous_slot(repo_server, device_side, serving_v1, make_bundle):
+def test_rollback_switches_to_the_previous_slot_once(
+    repo_server, device_side, serving_v1, make_bundle
+):
     repo_server.publish(make_bundle(version=2, seed=1))
     v2 = device_side.installer.install(V2, serving_v1)
     assert v2 is not None and device_side.installer.slots.active() == v2.slot
-    back = device_side.installer.rollback()
-    assert back.manifest.ref == V1
+    swapped = []
+    state = AgentState(device_side.state_dir)
+    reconciler = Reconciler(
+        state, device_side.installer, emit=lambda name, **d: device_side.events.append((name, d)),
+        current=lambda: v2, on_swap=swapped.append,
+    )
+
+    record = reconciler.rollback()
+
+    assert (record.from_ref, record.to_ref, record.slot) == (V2, V1, serving_v1.slot)
     assert device_side.installer.slots.active() == serving_v1.slot
+    assert [m.manifest.ref for m in swapped] == [V1]
+    assert device_side.events[-1] == (
+        "rolled_back",
+        {"from": {"name": "detector", "version": 2}, "to": {"name": "detector", "version": 1},
+         "slot": serving_v1.slot, "by": "edge-agent rollback"},
+    )
+    with pytest.raises(RollbackRefusedError, match="would go forward to detector v2"):
+        reconciler.rollback()
+    assert device_side.installer.slots.active() == serving_v1.slot
+    swapped[0].engine.close()
+    state.close()
 
 
 @pytest.mark.parametrize(
