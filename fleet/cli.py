@@ -173,9 +173,11 @@ def devices_list(
     if as_json:
         console.print_json(data=rows)
         return
-    table = Table("device", "online", "last seen", "agent", "model", "cpu %", "rss MB")
+    table = Table("device", "online", "last seen", "agent", "model", "desired", "in sync",
+                  "cpu %", "rss MB")
     for row in rows:  # type: ignore[union-attr]
         model = row["active_model"]
+        desired = row.get("desired")
         beat = row["heartbeat"] or {}
         table.add_row(
             row["id"],
@@ -183,10 +185,19 @@ def devices_list(
             row["last_seen"] or "-",
             row["agent_version"] or "-",
             f"{model['name']} v{model['version']}" if model else "-",
+            _desired_label(desired),
+            {True: "[green]yes[/]", False: "[yellow]no[/]"}.get(row.get("in_sync"), "-"),
             str(beat.get("cpu_percent", "-")),
             str(beat.get("rss_mb", "-")),
         )
     console.print(table)
+
+
+def _desired_label(desired: dict | None) -> str:
+    if not desired:
+        return "-"
+    what = f"{desired['bundle']} v{desired['version']}" if desired["bundle"] else "no model"
+    return f"{what} (gen {desired['generation']})"
 
 
 @devices_app.command("show")
@@ -307,11 +318,15 @@ def deploy(
     device: Annotated[list[str], typer.Option("--device", help="device id (repeatable)")],
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
+    allow_unknown: Annotated[bool, typer.Option(
+        "--allow-unknown", help="also deploy to ids this fleet has never seen (pre-provision)",
+    )] = False,
 ) -> None:
     """Assign a bundle to devices directly (signed desired state per device)."""
     result = _request(
         url, token, "POST", "/api/v1/deployments",
-        {"bundle": bundle, "version": version, "devices": device},
+        {"bundle": bundle, "version": version, "devices": device,
+         "allow_unknown": allow_unknown},
     )
     for device_id, generation in result["generations"].items():  # type: ignore[index]
         console.print(f"{device_id}: {bundle} v{version} (generation {generation})",

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from agent.contract import BundleRef, Channel, DesiredState, is_valid_device_id, topic, utcnow
 from fleet.db import dialect_insert
-from fleet.errors import InvalidRequestError, UnknownBundleError
-from fleet.models import DeviceDesired
+from fleet.errors import InvalidRequestError, UnknownBundleError, UnknownDevicesError
+from fleet.models import Device, DeviceDesired
 from fleet.registry import find_bundle
 from fleet.trust.director import sign_desired
 
@@ -46,6 +46,15 @@ def _locked_row(session: Session, device_id: str) -> DeviceDesired:
     return row
 
 
+def _known(session: Session, device_ids: list[str]) -> set[str]:
+    known: set[str] = set()
+    unique = sorted(set(device_ids))
+    for start in range(0, len(unique), 1000):  # bounded IN lists
+        chunk = unique[start:start + 1000]
+        known.update(session.exec(select(Device.id).where(Device.id.in_(chunk))))  # type: ignore[attr-defined]
+    return known
+
+
 def assign(
     session: Session,
     signer,
@@ -53,13 +62,27 @@ def assign(
     bundle: BundleRef,
     device_ids: list[str],
     issued_by: str,
+    allow_unknown: bool = False,
 ) -> dict[str, int]:
-    """Point ``device_ids`` at ``bundle``; returns each device's new generation."""
+    """Point ``device_ids`` at ``bundle``; returns each device's new generation.
+
+    Devices the registry does not know are refused (all of them named) unless
+    ``allow_unknown``: a mistyped id would otherwise be "deployed" to nobody, successfully.
+    """
     bad = [d for d in device_ids if not is_valid_device_id(d)]
     if bad:
         raise DeploymentError(f"invalid device ids: {bad[:5]}")
     if find_bundle(session, bundle.name, bundle.version) is None:
         raise UnknownBundleError(f"no published bundle {bundle.name} v{bundle.version}")
+    if not allow_unknown:
+        unknown = sorted(set(device_ids) - _known(session, device_ids))
+        if unknown:
+            shown = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more"
+                                               if len(unknown) > 20 else "")
+            raise UnknownDevicesError(
+                f"unknown devices: {shown} (never seen by this fleet; deploy with "
+                "allow_unknown / --allow-unknown to pre-provision them)"
+            )
     signed: dict[str, tuple[int, bytes]] = {}
     for device_id in sorted(set(device_ids)):  # a fixed order: no deadlocks between deploys
         row = _locked_row(session, device_id)

@@ -30,7 +30,7 @@ from agent.contract import (
     utcnow,
 )
 from fleet.db import dialect_insert, is_postgresql
-from fleet.models import Device, DeviceEvent
+from fleet.models import Device, DeviceDesired, DeviceEvent
 from fleet.pg_bulk import raw_cursor, staged
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "apply_heartbeats",
     "apply_reported",
     "apply_status",
+    "desired_states",
     "get_device",
     "list_devices",
     "list_events",
@@ -271,3 +272,13 @@ def list_devices(session: Session) -> list[Device]:
 
 def get_device(session: Session, device_id: str) -> Device | None:
     return session.get(Device, device_id)
+
+
+def desired_states(
+    session: Session, device_ids: list[str] | None = None
+) -> dict[str, DeviceDesired]:
+    """What the fleet last told each device (all devices when ``device_ids`` is None)."""
+    query = select(DeviceDesired)
+    if device_ids is not None:
+        query = query.where(DeviceDesired.device_id.in_(device_ids))  # type: ignore[attr-defined]
+    return {row.device_id: row for row in session.exec(query)}

@@ -17,6 +17,7 @@ __all__ = [
     "NotFoundError",
     "UnavailableError",
     "UnknownBundleError",
+    "UnknownDevicesError",
 ]
 
 
@@ -39,6 +40,12 @@ class NotFoundError(FleetError):
 
 class UnknownBundleError(NotFoundError):
     reason = "unknown_bundle"
+
+
+class UnknownDevicesError(NotFoundError):
+    """A deployment names devices the registry has never seen (a typo deploys nothing)."""
+
+    reason = "unknown_devices"
 
 
 class UnavailableError(FleetError):

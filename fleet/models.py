@@ -29,6 +29,7 @@ from agent.contract import utcnow
 __all__ = [
     "ActiveModelPublic",
     "ApiToken",
+    "DesiredPublic",
     "Device",
     "DevicePublic",
     "HeartbeatFigures",
@@ -107,6 +108,17 @@ class HeartbeatPublic(HeartbeatFigures):
     outbox_dropped: dict[str, int] | None = None
 
 
+class DesiredPublic(SQLModel):
+    """What the fleet last told the device to run (signed, retained on ``desired``)."""
+
+    bundle: str | None
+    version: int | None
+    generation: int
+    issued_at: datetime
+
+    _utc = field_validator("issued_at")(_as_utc)
+
+
 class DevicePublic(SQLModel):
     id: str
     online: bool
@@ -115,13 +127,18 @@ class DevicePublic(SQLModel):
     agent_version: str | None
     active_model: ActiveModelPublic | None
     platform: dict | None
+    # The generation the device reports it accepted (from its reported state).
     desired_generation: int | None
+    desired: DesiredPublic | None = None
+    # Whether the device runs what it was told and has accepted that desired state; None
+    # when the fleet never told it anything.
+    in_sync: bool | None = None
     heartbeat: HeartbeatPublic | None
 
     _utc = field_validator("first_seen", "last_seen")(_as_utc)
 
     @classmethod
-    def from_row(cls, device: Device) -> DevicePublic:
+    def from_row(cls, device: Device, desired: DeviceDesired | None = None) -> DevicePublic:
         active = None
         if device.active_model_name is not None and device.active_model_version is not None:
             active = ActiveModelPublic(
@@ -136,10 +153,24 @@ class DevicePublic(SQLModel):
             active_model=active,
             platform=device.platform,
             desired_generation=device.desired_generation,
+            desired=None if desired is None else DesiredPublic(
+                bundle=desired.bundle_name, version=desired.bundle_version,
+                generation=desired.generation, issued_at=desired.issued_at,
+            ),
+            in_sync=None if desired is None else _in_sync(device, active, desired),
             heartbeat=HeartbeatPublic.model_validate(device.heartbeat)
             if device.heartbeat
             else None,
         )
+
+
+def _in_sync(device: Device, active: ActiveModelPublic | None, desired: DeviceDesired) -> bool:
+    if device.desired_generation != desired.generation:
+        return False  # the device has not accepted the newest desired state (yet)
+    if desired.bundle_name is None:
+        return active is None
+    return active is not None and (active.name, active.version) == (
+        desired.bundle_name, desired.bundle_version)
 
 
 class ApiToken(SQLModel, table=True):
@@ -213,6 +244,9 @@ class DeploymentCreate(BaseModel):
     bundle: str = PydanticField(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     version: int = PydanticField(ge=0, lt=2**31)
     devices: list[DeviceIdField] = PydanticField(min_length=1, max_length=10_000)
+    allow_unknown: bool = PydanticField(
+        default=False, description="deploy to ids the fleet has never seen (pre-provision)"
+    )
 
 
 class DeploymentPublic(BaseModel):

@@ -43,5 +43,6 @@ def deploy(
         BundleRef(name=body.bundle, version=body.version),
         body.devices,
         issued_by=f"token:{token.id}:{token.name}",
+        allow_unknown=body.allow_unknown,
     )
     return DeploymentPublic(bundle=body.bundle, version=body.version, generations=generations)

@@ -13,7 +13,9 @@ router = APIRouter(prefix="/devices", tags=["devices"], responses=ERROR_RESPONSE
 
 @router.get("", response_model=list[DevicePublic])
 def list_devices(session: SessionDep, _: CurrentToken) -> list[DevicePublic]:
-    return [DevicePublic.from_row(device) for device in devices.list_devices(session)]
+    desired = devices.desired_states(session)
+    return [DevicePublic.from_row(device, desired.get(device.id))
+            for device in devices.list_devices(session)]
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
@@ -21,7 +23,8 @@ def get_device(device_id: str, session: SessionDep, _: CurrentToken) -> DevicePu
     device = devices.get_device(session, device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-    return DevicePublic.from_row(device)
+    desired = devices.desired_states(session, [device_id]).get(device_id)
+    return DevicePublic.from_row(device, desired)
 
 
 @router.get("/{device_id}/events", response_model=list[DeviceEventPublic])
