@@ -22,6 +22,14 @@ def _active(fleet_server, device_id: str) -> dict | None:
     return device["active_model"] if device else None
 
 
+def _rollback(agents, device_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*console_script("edge-agent"), "rollback", "--state-dir",
+         str(agents.state_dir(device_id))],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
 def _deploy(fleet_server, version: int, device_id: str, token: str | None = None):
     return fleet_server.cli("deploy", "detector", "--version", str(version),
                             "--device", device_id, token=token)
@@ -53,16 +61,24 @@ def test_deploy_update_rollback_and_refusals(
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 2},
                timeout=20, what="v2 active")
 
-    # On the device: `edge-agent rollback` while the agent runs; it follows within a beat.
-    rolled = subprocess.run(
-        [*console_script("edge-agent"), "rollback", "--state-dir",
-         str(agents.state_dir("edge-7"))],
-        capture_output=True, text=True, timeout=60,
-    )
+    # On the device: `edge-agent rollback` while the agent runs goes to the agent itself,
+    # which switches and tells the fleet where from and where to.
+    rolled = _rollback(agents, "edge-7")
     assert rolled.returncode == 0, rolled.stderr
-    assert "rolled back to detector v1" in rolled.stdout
+    assert "rolled back to detector v1 from detector v2" in rolled.stdout
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 1},
-               timeout=10, what="the running agent to follow the rollback")
+               timeout=10, what="the fleet to see v1 active")
+    rolled_back = wait_until(
+        lambda: [e["detail"] for e in fleet_server.events("edge-7") if e["event"] == "rolled_back"],
+        timeout=10, what="rolled_back reported")
+    assert [(d["from"], d["to"]) for d in rolled_back] == [
+        ({"name": "detector", "version": 2}, {"name": "detector", "version": 1})
+    ]
+    # A second rollback would go forward to v2 again: refused, and nothing changes.
+    again = _rollback(agents, "edge-7")
+    assert again.returncode == 1, again.stdout
+    assert "already rolled back from detector v2 to detector v1" in again.stderr
+    assert _active(fleet_server, "edge-7") == {"name": "detector", "version": 1}
 
     # From the fleet, a rollback is a newer desired state naming the older bundle, and an
     # update to a bundle still in the other slot needs no download.
