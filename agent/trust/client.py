@@ -11,7 +11,8 @@ rollback-, freeze- and mix-and-match protection. The bundle itself is fetched he
   ever held in memory beyond one chunk;
 * **bounded in time** (slow-retrieval attack, or just a bad link): an overall deadline
   and a throughput floor (:mod:`agent.trust.download`), and a cancel that ends it at once
-  when a newer desired state or a rollback makes it pointless.
+  when a newer desired state or a rollback makes it pointless. TUF's metadata is fetched
+  under the same bounds (:class:`_BoundedFetcher`).
 
 Every TUF failure is raised as :class:`TrustError` naming the python-tuf error class, so an
 event says e.g. ``untrusted_metadata: ExpiredMetadataError: timestamp.json is expired``.
@@ -31,7 +32,7 @@ from typing import IO
 import urllib3
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, Root, TargetFile
-from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.bundle import fsync_dir
 from agent.cancel import Cancel
@@ -104,6 +105,7 @@ class BundleClient:
         # refresh at a time writes the metadata directory.
         self._metadata_lock = threading.Lock()
         self._http = _http()
+        self._fetcher = _BoundedFetcher(self._http, self.limits)
 
     @property
     def enrolled(self) -> bool:
@@ -120,6 +122,7 @@ class BundleClient:
             target_base_url=f"{self.fleet_url}/repo/targets/",
             target_dir=str(self.downloads_dir),
             config=UpdaterConfig(),
+            fetcher=self._fetcher,
             # The trusted root is the one pinned at enrollment, as TUF has since rotated
             # it in metadata_dir: never anything fetched without that chain.
             bootstrap=None,
@@ -249,6 +252,62 @@ class BundleClient:
             raise urllib3.exceptions.ProtocolError(
                 f"connection closed at {stream.size}/{stream.length} bytes"
             )
+
+
+class _BoundedFetcher(FetcherInterface):
+    """python-tuf's metadata fetcher, bounded like a bundle download.
+
+    TUF bounds each metadata file's length, and its own fetcher each socket read, but not
+    the time: a ``timestamp.json`` dripped at one byte per second would hold every refresh
+    (and so every install and desired-state check) for ever. Each metadata file gets the
+    same :class:`DownloadWatch` as a bundle, with the base deadline (its signed length is
+    not known yet); a stop is TUF's own ``SlowRetrievalError``.
+    """
+
+    def __init__(self, http: urllib3.PoolManager, limits: DownloadLimits) -> None:
+        self._http = http
+        self.limits = limits
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        watch = DownloadWatch(self.limits, 0).__enter__()
+        try:
+            remaining = watch.remaining()
+            response = self._http.request(
+                "GET", url, preload_content=False,
+                timeout=urllib3.Timeout(connect=min(10, remaining), read=min(30, remaining)),
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            watch.__exit__(None, None, None)
+            slow = isinstance(exc, urllib3.exceptions.TimeoutError)
+            error = tuf_errors.SlowRetrievalError if slow else tuf_errors.DownloadError
+            raise error(f"{url}: {exc}") from exc
+        if response.status >= 400:
+            response.release_conn()
+            watch.__exit__(None, None, None)
+            raise tuf_errors.DownloadHTTPError(f"{url}: HTTP {response.status}",
+                                               response.status)
+        return self._chunks(url, response, watch)
+
+    @staticmethod
+    def _chunks(url: str, response, watch: DownloadWatch) -> Iterator[bytes]:
+        watch.attach(response)
+        try:
+            while chunk := response.read1(_CHUNK):
+                watch.received += len(chunk)
+                watch.check()
+                yield chunk
+        except DownloadError as exc:  # the watch's verdict: too slow, deadline
+            raise tuf_errors.SlowRetrievalError(f"{url}: {exc}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            try:
+                watch.check()
+            except DownloadError as verdict:
+                raise tuf_errors.SlowRetrievalError(f"{url}: {verdict}") from exc
+            raise tuf_errors.DownloadError(f"{url}: {exc}") from exc
+        finally:
+            watch.attach(None)
+            response.release_conn()
+            watch.__exit__(None, None, None)
 
 
 class HashingWriter:

@@ -169,3 +169,20 @@ def test_deadline_scales_with_the_signed_length():
 def test_nonsense_limits_are_refused(kwargs):
     with pytest.raises(ValueError, match="download"):
         DownloadLimits(**kwargs)
+
+
+def test_dripped_metadata_ends_the_refresh_too(repo_server, slow_repo, make_bundle, tmp_path):
+    """The same server drips timestamp.json: TUF's refresh is bounded like a bundle."""
+    repo_server.publish(make_bundle(version=1))
+    limits = DownloadLimits(deadline_s=30, floor_bps=2000, window_s=1)
+    device = make_device_side(tmp_path / "dev", slow_repo.url, limits=limits)
+    slow_repo.modes["timestamp.json"] = Drip(chunk=1, every=0.05)  # ~20 B/s
+
+    elapsed = _install_timed(device)
+
+    failure = device.failures()[-1]
+    assert failure["reason"] == "untrusted_metadata", failure
+    assert "SlowRetrievalError" in failure["detail"], failure
+    assert "too slow: " in failure["detail"], failure
+    assert elapsed < limits.deadline_s
+    assert slow_repo.target_requests() == [], "no bundle without fresh metadata"
