@@ -32,7 +32,7 @@ from agent.contract import (
     utcnow,
     validated,
 )
-from agent.runtime import Engine, TensorSpec, load_engine
+from agent.runtime import Engine, EngineError, TensorSpec, load_engine
 
 __all__ = ["BuildError", "BuiltBundle", "build_bundle", "compute_baseline"]
 
@@ -143,10 +143,18 @@ def build_bundle(
         raise BuildError(f"{model}: model must be .onnx or .tflite")
     if not model.is_file():
         raise BuildError(f"{model}: no such file")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BuildError(f"--out {out_dir} is a file: --out takes the directory to write to")
     model_bytes = model.read_bytes()
+    if not model_bytes:
+        raise BuildError(f"{model}: the file is empty")
     model_file = f"model{model.suffix.lower()}"
 
-    with load_engine(model) as engine:
+    try:
+        loaded = load_engine(model)
+    except EngineError as exc:
+        raise BuildError(f"{model}: not a model this runtime can load ({exc})") from None
+    with loaded as engine:
         baseline_rows = _load_array(baseline, "baseline") if baseline is not None else None
         baseline_doc = (
             compute_baseline(baseline_rows, _feature_input(engine))
@@ -157,7 +165,11 @@ def build_bundle(
         try:
             expected = engine.infer(inputs)
         except ValueError as exc:
-            raise BuildError(f"samples do not fit the model: {exc}") from exc
+            raise BuildError(f"samples do not fit the model: {exc}") from None
+        except EngineError as exc:
+            hint = "" if samples is not None else " (give real inputs with --samples)"
+            raise BuildError(f"the model failed on its health-check samples{hint}: {exc}") \
+                from None
         prepared = {spec.name: np.asarray(inputs[spec.name]).astype(spec.dtype)
                     for spec in engine.inputs}
         input_schema = [_schema(s, allow_nan) for s in engine.inputs]

@@ -1,25 +1,34 @@
 """``edge-fleet``: run the service and talk to it.
 
-Commands that talk to a running fleet use ``--url`` and a token from ``--token``,
-``EDGEFLEET_TOKEN`` or, on the fleet's own host, the admin token file.
+Two kinds of commands. Local ones work on a fleet's data directory (``--data-dir`` /
+``EDGEFLEET_DATA_DIR``: its database, keys, repository and admin token), all through one
+``Settings`` built once per call. Remote ones talk to a running fleet at ``--url`` with a
+token from ``--token``, ``EDGEFLEET_TOKEN`` or, on the fleet's own host, the data
+directory's admin token file; they say on stderr which fleet they talk to.
+
+Heavy libraries (the ORM, the HTTP client, the runtimes) are imported inside the commands
+that need them, so ``--help`` and remote commands start fast.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleet.models import Role
-from fleet.settings import Settings
+from fleet.roles import Role
 
-app = typer.Typer(help="edgefleet fleet service", no_args_is_help=True)
+if TYPE_CHECKING:
+    from fleet.settings import Settings
+
+app = typer.Typer(help="edgefleet fleet service", no_args_is_help=True,
+                  epilog="Example: edge-fleet serve --port 8000   (then: edge-fleet devices list)")
 token_app = typer.Typer(help="API tokens", no_args_is_help=True)
 devices_app = typer.Typer(help="devices", no_args_is_help=True)
 keys_app = typer.Typer(help="signing keys (TUF roles and the desired-state director)",
@@ -34,7 +43,7 @@ console = Console()
 err = Console(stderr=True)
 
 UrlOption = Annotated[
-    str, typer.Option("--url", envvar="EDGEFLEET_URL", help="fleet API base URL")
+    str, typer.Option("--url", envvar="EDGEFLEET_URL", help="the running fleet's API base URL")
 ]
 TokenOption = Annotated[
     str | None,
@@ -42,14 +51,46 @@ TokenOption = Annotated[
 ]
 
 
-PortOption = Annotated[int, typer.Option(envvar="EDGEFLEET_PORT")]
-HostOption = Annotated[str, typer.Option(envvar="EDGEFLEET_HOST")]
+PortOption = Annotated[int, typer.Option(envvar="EDGEFLEET_PORT", help="API port")]
+HostOption = Annotated[str, typer.Option(
+    envvar="EDGEFLEET_HOST", help="API address (0.0.0.0: every interface)")]
 BrokerOption = Annotated[
     str | None,
-    typer.Option(envvar="EDGEFLEET_BROKER_URL", help="mqtt://HOST:PORT; default: start one"),
+    typer.Option(envvar="EDGEFLEET_BROKER_URL",
+                 help="mqtt://USER:PASSWORD@HOST:PORT; default: a local broker of its own"),
 ]
-DataDirOption = Annotated[Path | None, typer.Option(envvar="EDGEFLEET_DATA_DIR")]
-LogLevelOption = Annotated[str, typer.Option(envvar="EDGEFLEET_LOG_LEVEL")]
+DataDirOption = Annotated[Path | None, typer.Option(
+    envvar="EDGEFLEET_DATA_DIR", show_default=False,
+    help="the fleet's data directory (database, keys, admin token) "
+         "[default: ~/.local/share/edgefleet]")]
+LogLevelOption = Annotated[str, typer.Option(
+    envvar="EDGEFLEET_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")]
+
+
+def _settings(data_dir: Path | None, **overrides) -> Settings:
+    """The one settings object of a command: environment, then the command's options."""
+    from fleet.settings import Settings
+
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return Settings(**overrides)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from fleet import __version__
+
+        print(f"edge-fleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="print the version and exit",
+    )] = False,
+) -> None:
+    """edgefleet fleet service"""
 
 
 def _run_service(
@@ -69,11 +110,8 @@ def _run_service(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides: dict = {"port": port, "host": host, "broker_url": broker}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
     try:
-        settings = Settings(**overrides)
+        settings = _settings(data_dir, port=port, host=host, broker_url=broker)
         run_service(
             settings,
             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
@@ -84,7 +122,7 @@ def _run_service(
         raise typer.Exit(2) from None
 
 
-@app.command()
+@app.command(epilog="Example: edge-fleet serve --port 8000 --data-dir /var/lib/edgefleet")
 def serve(
     port: PortOption = 8000,
     host: HostOption = "127.0.0.1",
@@ -96,7 +134,7 @@ def serve(
     _run_service(port, host, broker, data_dir, log_level)
 
 
-@app.command()
+@app.command(epilog="Example: edge-fleet quickstart --data-dir /tmp/demo-fleet")
 def quickstart(
     port: PortOption = 8000,
     host: HostOption = "127.0.0.1",
@@ -109,60 +147,124 @@ def quickstart(
     _run_service(port, host, broker, data_dir, log_level, local_agent_id=device_id)
 
 
-@token_app.command("create")
+def _local_engine(settings: Settings):
+    """The fleet's database, if this data directory holds a fleet: a mistyped
+    ``--data-dir`` must not quietly become a new, empty fleet."""
+    from fleet.db import init_db, make_engine
+
+    if settings.database_url is None and not settings.data_dir.is_dir():
+        raise _fail(f"no fleet in {settings.data_dir} (no such directory): start "
+                    f"`edge-fleet serve --data-dir {settings.data_dir}` once, or check "
+                    "--data-dir / EDGEFLEET_DATA_DIR")
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    return engine
+
+
+@token_app.command("create", epilog="Example: edge-fleet token create --role viewer --name grafana")
 def token_create(
     role: Annotated[Role, typer.Option(help="what the token may do")],
     name: Annotated[str, typer.Option(help="who or what uses it")] = "cli",
+    data_dir: DataDirOption = None,
 ) -> None:
     """Create a token in the fleet's database and print it once (it is stored hashed)."""
     from sqlmodel import Session
 
-    from fleet.db import init_db, make_engine
     from fleet.tokens import create_token
 
-    settings = Settings()
-    engine = make_engine(settings.resolved_database_url)
-    init_db(engine)
-    with Session(engine) as session:
+    with Session(_local_engine(_settings(data_dir))) as session:
         row, token = create_token(session, role=role, name=name)
     err.print(f"created {row.role} token #{row.id} ({row.name}); it is shown only this once:")
     print(token)
 
 
-def _resolve_token(token: str | None) -> str:
+@token_app.command("list", epilog="Example: edge-fleet token list")
+def token_list(data_dir: DataDirOption = None) -> None:
+    """List the fleet's tokens (never the tokens themselves: only their ids and names)."""
+    from sqlmodel import Session
+
+    from fleet.tokens import list_tokens
+
+    table = Table("id", "name", "role", "created", "revoked")
+    with Session(_local_engine(_settings(data_dir))) as session:
+        for row in list_tokens(session):
+            table.add_row(str(row.id), row.name, row.role, f"{row.created_at:%Y-%m-%d %H:%M}",
+                          f"{row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "-")
+    console.print(table)
+
+
+@token_app.command("revoke", epilog="Example: edge-fleet token revoke 3")
+def token_revoke(
+    token_id: Annotated[int, typer.Argument(help="the token's id (edge-fleet token list)")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a token for good: the API refuses it from now on."""
+    from sqlmodel import Session
+
+    from fleet.errors import NotFoundError
+    from fleet.tokens import revoke_token
+
+    try:
+        with Session(_local_engine(_settings(data_dir))) as session:
+            row = revoke_token(session, token_id)
+    except NotFoundError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"revoked token #{row.id} ({row.name}, {row.role})", highlight=False)
+
+
+def _resolve_token(token: str | None) -> tuple[str, str]:
+    """The token and where it came from."""
     if token:
-        return token
-    token_file = Settings().admin_token_file
+        return token, "--token / EDGEFLEET_TOKEN"
+    token_file = _settings(None).admin_token_file
     if token_file.exists():
-        return token_file.read_text().strip()
-    err.print("error: no token: pass --token or set EDGEFLEET_TOKEN")
+        return token_file.read_text().strip(), f"admin token file {token_file}"
+    err.print("error: no token: pass --token or set EDGEFLEET_TOKEN "
+              f"(no admin token file at {token_file} either)")
     raise typer.Exit(2)
 
 
 def _request(url: str, token: str | None, method: str, path: str, body=None) -> object:
+    import httpx
+
+    secret, source = _resolve_token(token)
+    err.print(f"[dim]fleet {url} (token: {source})[/]", highlight=False)
     try:
         response = httpx.request(
             method,
             url.rstrip("/") + path,
-            headers={"Authorization": f"Bearer {_resolve_token(token)}"},
+            headers={"Authorization": f"Bearer {secret}"},
             json=body,
             timeout=30,
         )
     except httpx.HTTPError as exc:
-        err.print(f"error: cannot reach the fleet at {url}: {exc}")
+        err.print(f"error: cannot reach the fleet at {url}: {exc}", highlight=False)
         raise typer.Exit(1) from None
     if response.status_code >= 400:
-        detail = response.json().get("detail") if response.content else response.reason_phrase
-        err.print(f"error: {response.status_code} {detail}")
+        err.print(f"error: {response.status_code} {_error_text(response)}", highlight=False)
         raise typer.Exit(1)
-    return response.json()
+    return response.json() if response.content else None
+
+
+def _error_text(response) -> str:
+    """The API's error in one line: its message, or each schema problem with its place."""
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        return response.reason_phrase
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}"
+            for item in detail if isinstance(item, dict)
+        )
+    return str(detail)
 
 
 def _get(url: str, token: str | None, path: str) -> object:
     return _request(url, token, "GET", path)
 
 
-@devices_app.command("list")
+@devices_app.command("list", epilog="Example: edge-fleet devices list --json")
 def devices_list(
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
@@ -200,18 +302,51 @@ def _desired_label(desired: dict | None) -> str:
     return f"{what} (gen {desired['generation']})"
 
 
-@devices_app.command("show")
+DeviceArgument = Annotated[str, typer.Argument(help="the device's id")]
+
+
+@devices_app.command("show", epilog="Example: edge-fleet devices show cam-01")
 def devices_show(
-    device_id: str, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None
+    device_id: DeviceArgument, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None
 ) -> None:
-    """Show one device as JSON."""
+    """Show one device as JSON: what it runs, what it was told, its last heartbeat."""
     console.print_json(data=_get(url, token, f"/api/v1/devices/{device_id}"))
 
 
-def _repository():
+@devices_app.command("events", epilog="Example: edge-fleet devices events cam-01 --limit 20")
+def devices_events(
+    device_id: DeviceArgument,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    limit: Annotated[int, typer.Option(help="the newest N events", min=1, max=1000)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
+    """The device's deployment steps and refusals, oldest first."""
+    rows = _get(url, token, f"/api/v1/devices/{device_id}/events?limit={limit}")
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = Table("seq", "sent", "event", "detail")
+    for row in rows:  # type: ignore[union-attr]
+        detail = ", ".join(f"{k}={v}" for k, v in row["detail"].items())
+        table.add_row(str(row["seq"]), row["sent_at"], row["event"], detail)
+    console.print(table)
+
+
+@devices_app.command("remove", epilog="Example: edge-fleet devices remove cam-01")
+def devices_remove(
+    device_id: DeviceArgument, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None
+) -> None:
+    """Forget a device (its row, desired state, events, heartbeats). A device that still
+    runs registers again with its next message: revoke its broker account to keep it out."""
+    _request(url, token, "DELETE", f"/api/v1/devices/{device_id}")
+    console.print(f"removed {device_id}", highlight=False)
+
+
+def _repository(settings: Settings):
     from fleet.trust.repository import FleetRepository
 
-    return FleetRepository(Settings().data_dir)
+    return FleetRepository(settings.data_dir)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -219,15 +354,16 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-@keys_app.command("init")
+@keys_app.command("init", epilog="Example: edge-fleet keys init --root-keys 3 --root-threshold 2")
 def keys_init(
     root_keys: Annotated[int, typer.Option(help="number of root keys")] = 1,
     root_threshold: Annotated[int, typer.Option(help="root signatures required")] = 1,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Create root keys (to move offline) and online keys, and sign version 1 metadata."""
     from fleet.trust.repository import RepositoryConfigError
 
-    repository = _repository()
+    repository = _repository(_settings(data_dir))
     try:
         repository.init(root_keys=root_keys, root_threshold=root_threshold)
     except RepositoryConfigError as exc:
@@ -237,24 +373,35 @@ def keys_init(
     console.print(f"metadata:    {repository.metadata_dir}")
 
 
-@keys_app.command("rotate")
+class KeyRole(enum.StrEnum):
+    ROOT = "root"
+    TARGETS = "targets"
+    SNAPSHOT = "snapshot"
+    TIMESTAMP = "timestamp"
+    DIRECTOR = "director"
+
+
+@keys_app.command("rotate",
+                  epilog="Example: edge-fleet keys rotate targets --root-key-dir /media/usb/root")
 def keys_rotate(
-    role: Annotated[str, typer.Argument(help="root, targets, snapshot, timestamp or director")],
+    role: Annotated[KeyRole, typer.Argument(help="the role whose key is replaced")],
     root_key_dir: Annotated[
         Path | None, typer.Option(help="where the (offline) root keys are mounted")
     ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Replace a role's key; root signs the change (root rotation: old and new root keys)."""
     from fleet.trust.repository import RepositoryConfigError
 
     try:
-        version = _repository().rotate(role, root_key_dir)
+        version = _repository(_settings(data_dir)).rotate(role.value, root_key_dir)
     except RepositoryConfigError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"rotated {role}: root is now version {version}")
+    console.print(f"rotated {role.value}: root is now version {version}")
 
 
-@bundle_app.command("build")
+@bundle_app.command("build", epilog="Example: edge-fleet bundle build model.onnx --name detector "
+                                     "--version 3 --baseline train.npy --out dist/")
 def bundle_build(
     model: Annotated[Path, typer.Argument(help=".onnx or .tflite model file")],
     name: Annotated[str, typer.Option(help="bundle name")],
@@ -262,7 +409,7 @@ def bundle_build(
     baseline: Annotated[Path | None, typer.Option(help="training inputs .npy (rows, features)")]
     = None,
     samples: Annotated[Path | None, typer.Option(help="health-check inputs .npy/.npz")] = None,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("."),
+    out: Annotated[Path, typer.Option(help="directory to write the bundle into")] = Path("."),
     allow_nan: Annotated[bool, typer.Option(help="let requests carry NaN inputs")] = False,
 ) -> None:
     """Build a bundle: model + manifest + health-check samples + baseline histograms."""
@@ -278,40 +425,59 @@ def bundle_build(
     console.print(f"{built.path}  {built.size} bytes  sha256 {built.sha256}", highlight=False)
 
 
-@bundle_app.command("publish")
-def bundle_publish(file: Annotated[Path, typer.Argument(help="a built bundle")]) -> None:
+@bundle_app.command("publish", epilog="Example: edge-fleet bundle publish dist/detector-3.bundle")
+def bundle_publish(
+    file: Annotated[Path, typer.Argument(help="a built bundle (edge-fleet bundle build)")],
+    data_dir: DataDirOption = None,
+) -> None:
     """Add a bundle to the signed repository (targets, snapshot and timestamp re-signed)."""
     from sqlmodel import Session
 
     from fleet.bundle_build import BuildError
-    from fleet.db import init_db, make_engine
     from fleet.registry import BundleExistsError, publish_bundle
     from fleet.trust.repository import RepositoryConfigError
 
+    if file.is_dir():
+        found = sorted(file.glob("*.bundle"))
+        hint = f" (it holds {', '.join(p.name for p in found[:3])})" if found else ""
+        raise _fail(f"{file} is a directory: give the .bundle file to publish{hint}")
     if not file.is_file():
         raise _fail(f"{file}: no such file")
-    engine = make_engine(Settings().resolved_database_url)
-    init_db(engine)
+    settings = _settings(data_dir)
+    err.print(f"[dim]fleet data directory {settings.data_dir}[/]", highlight=False)
+    repository = _repository(settings)
+    if not repository.exists:
+        raise _fail(f"no repository in {settings.data_dir}: start `edge-fleet serve` there "
+                    "once, or run `edge-fleet keys init` (both take --data-dir)")
     try:
-        with Session(engine) as session:
-            row = publish_bundle(session, _repository(), file)
+        with Session(_local_engine(settings)) as session:
+            row = publish_bundle(session, repository, file)
     except (BuildError, BundleExistsError, RepositoryConfigError) as exc:
         raise _fail(str(exc)) from None
     console.print(f"published {row.name} v{row.version} as {row.target_name} "
                   f"({row.size} bytes, sha256 {row.sha256[:16]}…)", highlight=False)
 
 
-@bundle_app.command("list")
-def bundle_list(url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+@bundle_app.command("list", epilog="Example: edge-fleet bundle list --json")
+def bundle_list(
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
     """List published bundles."""
+    rows = _get(url, token, "/api/v1/bundles")
+    if as_json:
+        console.print_json(data=rows)
+        return
     table = Table("name", "version", "runtime", "size", "sha256", "published")
-    for row in _get(url, token, "/api/v1/bundles"):  # type: ignore[union-attr]
+    for row in rows:  # type: ignore[union-attr]
         table.add_row(row["name"], str(row["version"]), row["runtime"], str(row["size"]),
                       row["sha256"][:16], row["published_at"])
     console.print(table)
 
 
-@app.command()
+@app.command(epilog="Example: edge-fleet deploy detector --version 3 --device cam-01 "
+                     "--device cam-02")
 def deploy(
     bundle: Annotated[str, typer.Argument(help="bundle name")],
     version: Annotated[int, typer.Option(help="bundle version")],

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import msgspec
-from sqlalchemy import JSON, bindparam, case, event, update
+from sqlalchemy import JSON, bindparam, case, delete, event, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
@@ -30,7 +30,7 @@ from agent.contract import (
     utcnow,
 )
 from fleet.db import dialect_insert, is_postgresql
-from fleet.models import Device, DeviceDesired, DeviceEvent
+from fleet.models import Device, DeviceDesired, DeviceEvent, Heartbeat
 from fleet.pg_bulk import raw_cursor, staged
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "list_events",
     "load_devices",
     "lock_devices",
+    "remove_device",
     "touch",
 ]
 
@@ -272,6 +273,18 @@ def list_devices(session: Session) -> list[Device]:
 
 def get_device(session: Session, device_id: str) -> Device | None:
     return session.get(Device, device_id)
+
+
+def remove_device(session: Session, device_id: str) -> bool:
+    """Forget a device: its row, desired state, events and heartbeats. False if unknown.
+    A device that still runs registers again with its next message."""
+    if session.get(Device, device_id) is None:
+        return False
+    for table in (Heartbeat, DeviceEvent, DeviceDesired):
+        session.execute(delete(table).where(table.device_id == device_id))  # type: ignore[attr-defined]
+    session.execute(delete(Device).where(Device.id == device_id))  # type: ignore[arg-type]
+    session.commit()
+    return True
 
 
 def desired_states(

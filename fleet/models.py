@@ -7,7 +7,6 @@ Sequence numbers are BIGINT: devices count to 2**63.
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -25,6 +24,7 @@ from sqlalchemy import (
 from sqlmodel import Field, SQLModel
 
 from agent.contract import utcnow
+from fleet.roles import Role
 
 __all__ = [
     "ActiveModelPublic",
@@ -47,12 +47,6 @@ def _as_utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
-
-
-class Role(enum.StrEnum):
-    VIEWER = "viewer"
-    OPERATOR = "operator"
-    ADMIN = "admin"
 
 
 class Device(SQLModel, table=True):

@@ -16,6 +16,8 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from agent.contract import utcnow
+from fleet.errors import NotFoundError
 from fleet.models import ApiToken, Role
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "ensure_admin_token",
     "hash_token",
     "list_tokens",
+    "revoke_token",
 ]
 
 TOKEN_PREFIX = "ef_"
@@ -62,6 +65,19 @@ def authenticate(session: Session, token: str) -> ApiToken | None:
 
 def list_tokens(session: Session) -> list[ApiToken]:
     return list(session.exec(select(ApiToken).order_by(ApiToken.id)))
+
+
+def revoke_token(session: Session, token_id: int) -> ApiToken:
+    """Revoke a token for good (its row stays, for the record); idempotent."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise NotFoundError(f"no token #{token_id}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+    return row
 
 
 def _write_private(path: Path, text: str) -> None:

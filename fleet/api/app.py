@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.engine import Engine
 
 from fleet import __version__
@@ -20,7 +21,9 @@ def create_app(
     ingest: IngestWorker | None = None,
     repository: FleetRepository | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="edgefleet", version=__version__)
+    # FastAPIOffline: FastAPI with /docs and /redoc whose scripts and styles come from the
+    # package, not a CDN: an operator on an offline network still gets the API explorer.
+    app = FastAPIOffline(title="edgefleet", version=__version__)
     app.state.engine = engine
     app.state.ingest = ingest
     app.state.repository = repository

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, HTTPException, Query, status
 
 from fleet import devices, telemetry
-from fleet.api.deps import ERROR_RESPONSES, CurrentToken, SessionDep
+from fleet.api.deps import ERROR_RESPONSES, CurrentToken, OperatorToken, SessionDep
 from fleet.models import DeviceEventPublic, DevicePublic, HeartbeatRow
 
 router = APIRouter(prefix="/devices", tags=["devices"], responses=ERROR_RESPONSES)
@@ -25,6 +25,14 @@ def get_device(device_id: str, session: SessionDep, _: CurrentToken) -> DevicePu
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     desired = devices.desired_states(session, [device_id]).get(device_id)
     return DevicePublic.from_row(device, desired)
+
+
+@router.delete("/{device_id}", status_code=204)
+def remove_device(device_id: str, session: SessionDep, _: OperatorToken) -> None:
+    """Forget a device (row, desired state, events, heartbeats). A device that still runs
+    registers again with its next message: revoke its broker account to keep it out."""
+    if not devices.remove_device(session, device_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
 
 
 @router.get("/{device_id}/events", response_model=list[DeviceEventPublic])
