@@ -34,6 +34,8 @@ def test_agent_killed_during_an_install_comes_back_serving_a_verified_model(
             assert fleet.cli("bundle", "publish", str(bundle.path)).returncode == 0
         agents.enroll("dev", fleet.url)
         first = agents.start("dev", mosquitto)
+        # The fleet deploys only to devices it has seen.
+        wait_until(lambda: fleet.device("dev"), timeout=10, what="dev registered")
         assert fleet.cli("deploy", "detector", "--version", "1", "--device", "dev").returncode == 0
         wait_until(lambda: fleet.device("dev")["active_model"] == V1, timeout=20, what="v1")
         first.terminate()
