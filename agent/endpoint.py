@@ -71,6 +71,7 @@ REFUSED_TIMEOUT_S = 5.0
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
 JSON = "application/json"
+_NPY = NPY.encode()
 TOO_LARGE_ADVICE = ("raise it with --max-request-mb, or send large batches as .npy "
                     f"({NPY}): a third of the size of the same numbers in JSON")
 
@@ -160,7 +161,7 @@ class _Routes:
             return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the model failed: {exc}"})
         self.recent_infer_s = 0.8 * self.recent_infer_s + 0.2 * (time.perf_counter() - started)
         name, version = model.manifest.name, model.manifest.version
-        if request.headers.get("accept") == NPY and len(outputs) == 1:
+        if request.headers.get(b"accept") == _NPY and len(outputs) == 1:
             return Response(HTTPStatus.OK, dump_npy(next(iter(outputs.values()))), NPY,
                             (("X-Model-Name", name), ("X-Model-Version", str(version))))
         return _json(HTTPStatus.OK, {
@@ -170,9 +171,10 @@ class _Routes:
 
     def _parse_inputs(self, request: Request) -> Any:
         headers = request.headers
-        if "content-length" not in headers and "transfer-encoding" not in headers:
+        if b"content-length" not in headers and b"transfer-encoding" not in headers:
             raise _RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        content_type = content_type.decode("latin-1")
         body = request.body
         if content_type in (JSON, ""):
             document = _decode_json(body)

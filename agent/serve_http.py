@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 # A refused body up to this many times the limit is read and dropped before closing.
 DISCARD_FACTOR = 8
+LINGER_S = 2.0  # after the last answer, how long what the client still sends is dropped
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -92,7 +93,7 @@ class HttpLimits:
 class Request(NamedTuple):
     method: str
     target: str  # path and query, as sent
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    headers: dict[bytes, bytes]  # lower-case names, as sent (decoding all costs per request)
     body: bytes
     keep_alive: bool
 
@@ -131,6 +132,7 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._limits = server.limits
         self._parser = httptools.HttpRequestParser(self)
+        self._handler = server.handler
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Request | HttpError] = deque()
         self._busy = False  # an answer is being made in the pool
@@ -140,16 +142,11 @@ class _Connection(asyncio.Protocol):
         self._phase = _HEAD
         self._deadline = float("inf")
         self._head_bytes = 0
-        self._reset_message()
-
-    def _reset_message(self) -> None:
-        self._url = b""
-        self._head_size = 0
-        self._headers: dict[str, str] = {}
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._length: int | None = None
-        self._refusal: HttpError | None = None  # answered once the refused body is dropped
+        self._paused = False  # reading paused by us (pipelining, a slow reader, a refusal)
+        self._lingering = False  # answered for the last time: dropping input until EOF
+        self._linger_left = 0
+        self._now = 0.0
+        self.on_message_begin()
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -168,17 +165,31 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:  # the client does not read its answers: stop reading
         self._write_paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._pause()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._transport is not None and not self._busy and not self._broken:
+        self._resume_if_ready()
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume_if_ready(self) -> None:
+        if self._paused and not (self._busy or self._broken or self._write_paused):
+            self._paused = False
+            assert self._transport is not None
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._broken:
+            if self._lingering:
+                self._linger_left -= len(data)
+                if self._linger_left < 0 and self._transport is not None:
+                    self._transport.close()
             return
+        self._now = time.monotonic()  # one clock read for every deadline this data moves
         if self._phase != _BODY:
             self._head_bytes += len(data)
         try:
@@ -203,45 +214,66 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------
 
+    # These run for every request: helpers are inlined where a call would be most of the cost.
+
     def on_message_begin(self) -> None:
-        self._reset_message()
-        if self._phase == _IDLE:
-            self._extend(self._limits.head_timeout_s)
+        self._url = b""
+        self._header_count = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._length: int | None = None
+        self._refusal: HttpError | None = None  # answered once the refused body is dropped
+        if self._phase == _IDLE and self._admitted:
+            self._deadline = self._now + self._limits.head_timeout_s
         self._phase = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Sizes are counted here as well as per read: a whole head can come in one read."""
-        headers = self._headers
-        self._head_size += len(name) + len(value) + 4
-        if len(headers) >= self._limits.max_headers:
-            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            f"more than {self._limits.max_headers} request headers")
-        if self._head_size > self._limits.max_head_bytes:
-            raise self._head_too_large()
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        if key == "content-length":
-            self._length = _content_length(text, self._length)
-        headers[key] = text
+        key = name.lower()
+        if key == b"content-length":
+            self._length = _content_length(value, self._length)
+        self._headers[key] = value  # a repeated header keeps its last value
+        self._header_count += 1
 
     def on_headers_complete(self) -> None:
+        """Head limits are checked here, not per header: per read, ``data_received`` has
+        already bounded what a head can buffer; here its size as parsed is checked."""
         self._phase = _BODY
         self._head_bytes = 0
-        self._extend(self._limits.body_timeout_s)
-        expects = self._headers.get("expect", "").lower() == "100-continue"
-        refusal = self._refusal_at_head()
-        if refusal is None:
-            if expects and self._transport is not None:
+        limits = self._limits
+        headers = self._headers
+        if self._header_count > limits.max_headers:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            f"more than {limits.max_headers} request headers")
+        size = len(self._url) + sum(map(len, headers)) + sum(map(len, headers.values()))
+        if size > limits.max_head_bytes:
+            raise self._head_too_large()
+        length = self._length
+        if self._admitted and (length is None or length <= limits.max_body_bytes):
+            self._deadline = self._now + limits.body_timeout_s
+            expect = headers.get(b"expect")
+            if expect is not None and expect.lower() == b"100-continue" and self._transport:
                 self._transport.write(_CONTINUE)  # the client waits for this to send the body
             return
-        length = self._length or 0
-        if expects or length > DISCARD_FACTOR * self._limits.max_body_bytes:
+        self._refuse_at_head()
+
+    def _refuse_at_head(self) -> None:
+        """Over the connection limit, or the declared body over the size limit."""
+        if self._admitted:
+            self._deadline = self._now + self._limits.body_timeout_s
+            refusal = self._too_large(f"request body of {self._length} bytes is over")
+        else:
+            limit = self._limits.max_connections
+            refusal = HttpError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                f"too many connections to the agent (limit {limit}); "
+                                "reuse a connection or retry")
+        expects = self._headers.get(b"expect", b"").lower() == b"100-continue"
+        if expects or (self._length or 0) > DISCARD_FACTOR * self._limits.max_body_bytes:
             raise refusal  # no body is coming, or it is not worth reading
-        self._refusal = refusal
+        self._refusal = refusal  # answered once the body is read and dropped
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -257,7 +289,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._phase = _IDLE
-        self._extend(self._limits.idle_timeout_s)
+        if self._admitted:
+            self._deadline = self._now + self._limits.idle_timeout_s
         if self._refusal is not None:
             self._fail(self._refusal)
             return
@@ -268,20 +301,10 @@ class _Connection(asyncio.Protocol):
             parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
             body, parser.should_keep_alive(),
         ))
-        if self._transport is not None and (self._busy or len(self._queue) > 1):
-            self._transport.pause_reading()  # pipelined: read on once these are answered
+        if self._busy or len(self._queue) > 1:
+            self._pause()  # pipelined: read on once these are answered
 
     # -- refusals and deadlines -------------------------------------------------------
-
-    def _refusal_at_head(self) -> HttpError | None:
-        if not self._admitted:
-            limit = self._server.limits.max_connections
-            return HttpError(HTTPStatus.SERVICE_UNAVAILABLE,
-                             f"too many connections to the agent (limit {limit}); "
-                             "reuse a connection or retry")
-        if self._length is not None and self._length > self._limits.max_body_bytes:
-            return self._too_large(f"request body of {self._length} bytes is over")
-        return None
 
     def _too_large(self, what: str) -> HttpError:
         limits = self._limits
@@ -294,13 +317,12 @@ class _Connection(asyncio.Protocol):
         return HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                          f"request line and headers over {self._limits.max_head_bytes} bytes")
 
-    def _extend(self, seconds: float) -> None:
-        if self._admitted:  # a refused connection keeps its first, short deadline
-            self._deadline = time.monotonic() + seconds
-
     def check_deadline(self, now: float) -> None:
         """Called by the server's sweep: end a connection whose current phase ran out."""
         if now < self._deadline or self._transport is None or self._transport.is_closing():
+            return
+        if self._lingering:
+            self._transport.close()
             return
         if self._phase == _IDLE:
             if self._busy or self._queue:
@@ -321,8 +343,7 @@ class _Connection(asyncio.Protocol):
         """Answer ``error`` after the requests before it, then close; read no more."""
         self._broken = True
         self._queue.append(error)
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._pause()
 
     # -- answering --------------------------------------------------------------------
 
@@ -337,17 +358,21 @@ class _Connection(asyncio.Protocol):
                     self._server.count_client_error()
                 self._write(item.response(), close=True)
                 return
-            result = self._server.handle(item)
+            try:
+                result = self._handler(item)
+            except Exception:
+                log.exception("the endpoint failed on a request")
+                result = HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "the agent failed").response()
             if isinstance(result, Response):
                 self._write(result, close=not item.keep_alive)
                 continue
             self._busy = True
-            transport.pause_reading()
+            self._pause()
             future = self._server.run_in_pool(result)
             future.add_done_callback(lambda done, keep=item.keep_alive: self._answered(done, keep))
             return
-        if transport is not None and not self._broken and not self._write_paused:
-            transport.resume_reading()
+        if self._paused:
+            self._resume_if_ready()
 
     def _answered(self, future: asyncio.Future[Response], keep_alive: bool) -> None:
         self._busy = False
@@ -359,59 +384,72 @@ class _Connection(asyncio.Protocol):
             log.exception("the endpoint failed on a request")
             response = HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "the agent failed").response()
         self._write(response, close=not keep_alive)
+        if self._phase == _IDLE and self._admitted:  # idle from now, not from the request
+            self._deadline = time.monotonic() + self._limits.idle_timeout_s
         self._answer_queue()
 
     def _write(self, response: Response, close: bool) -> None:
         transport = self._transport
         assert transport is not None
         status, body, content_type, extra = response
-        head = [_status_line(status), "Date: ", _date(), "\r\nContent-Type: ", content_type,
-                "\r\nContent-Length: ", str(len(body)), "\r\n"]
-        for name, value in extra:
-            head += (name, ": ", value, "\r\n")
-        if close:
-            head.append("Connection: close\r\n")
-        head.append("\r\n")
-        encoded = "".join(head).encode("latin-1")
+        if time.time() >= _date[0]:
+            _refresh_date()
+        head = b"%s%sContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            _STATUS_LINES[status], _date[1], content_type.encode("latin-1"), len(body))
+        if extra:
+            head += "".join(f"{name}: {value}\r\n" for name, value in extra).encode("latin-1")
+        head += b"Connection: close\r\n\r\n" if close else b"\r\n"
         if len(body) < 256 * 1024:
-            transport.write(encoded + body)  # one send: the client wakes up once
+            transport.write(head + body)  # one send: the client wakes up once
         else:
-            transport.write(encoded)
+            transport.write(head)
             transport.write(body)
         if close:
-            self._broken = True
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close after the last answer without losing it. Closing a socket with unread
+        request bytes makes the kernel send a reset, and a client that is still sending
+        then loses the answer with it (as a refusal before the body is read would). So:
+        send FIN after the answer, read and drop what the client still sends (a bounded
+        amount, for :data:`LINGER_S` at most) and close when it closes."""
+        transport = self._transport
+        assert transport is not None
+        self._broken = self._lingering = True
+        self._queue.clear()
+        self._linger_left = DISCARD_FACTOR * self._limits.max_body_bytes
+        self._deadline = time.monotonic() + LINGER_S
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
             transport.close()
-        elif self._phase == _IDLE:
-            self._extend(self._limits.idle_timeout_s)
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
 
 
-def _content_length(text: str, seen: int | None) -> int:
+def _content_length(value: bytes, seen: int | None) -> int:
     """Strict: ASCII digits only, given once. Anything else could make this server and a
     proxy in front of it disagree about where the body ends."""
     if seen is not None:
         raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length given more than once")
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+    if not value.isdigit() or len(value) > 18:  # bytes.isdigit: ASCII digits only
         raise HttpError(HTTPStatus.BAD_REQUEST,
-                        f"Content-Length {text[:40]!r} is not a number of bytes")
-    return int(text)
+                        f"Content-Length {value[:40].decode('latin-1')!r} is not a number "
+                        "of bytes")
+    return int(value)
 
 
-_status_lines: dict[int, str] = {}
-_date_cache: list = [0, ""]
+_STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
+}
+_date: list = [0.0, b""]  # the Date header line, and when it next changes
 
 
-def _status_line(status: int) -> str:
-    line = _status_lines.get(status)
-    if line is None:
-        line = _status_lines[status] = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-    return line
-
-
-def _date() -> str:
+def _refresh_date() -> None:
     now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[:] = [now, formatdate(now, usegmt=True)]
-    return _date_cache[1]
+    _date[:] = [now + 1.0, f"Date: {formatdate(now, usegmt=True)}\r\n".encode()]
 
 
 def _listening_socket(address: tuple[str, int] | None, socket_path: Path | None) -> socket.socket:
@@ -448,7 +486,7 @@ class HttpServer:
         on_client_error: Callable[[], None] | None = None,
     ) -> None:
         self.limits = limits
-        self._handler = handler
+        self.handler = handler
         self._on_client_error = on_client_error
         self._socket_path = socket_path
         self._sock = _listening_socket(address, socket_path)
@@ -524,13 +562,6 @@ class HttpServer:
         self._connections.discard(connection)
         if admitted:
             self._served -= 1
-
-    def handle(self, request: Request) -> Response | Callable[[], Response]:
-        try:
-            return self._handler(request)
-        except Exception:
-            log.exception("the endpoint failed on a request")
-            return HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "the agent failed").response()
 
     def run_in_pool(self, work: Callable[[], Response]) -> asyncio.Future[Response]:
         return self._loop.run_in_executor(self._pool, work)

@@ -7,14 +7,23 @@ For batch 1 and 256, p50/p99 latency and throughput of
       (``engine_nan_allowed_vs_bare``: the engine's fixed cost alone),
   (c) the agent's local HTTP endpoint (keep-alive; JSON for batch 1, .npy for batch 256),
       called from another process as applications do, over TCP and over its Unix socket
-      option, and beside it the transport's floor: the same server and client (TCP) with a
-      handler that only reads the body and answers fixed bytes of the same size,
-and the ratios (b)/(a) and (c)/(a) of p50 latency. Then the idle RSS of a real
-``edge-agent run`` process with one model loaded, and beside it the floor: a Python process
-holding only an onnxruntime session on the same model. Last line: one JSON object.
+      option, and beside it the transport's floor: a stdlib ``http.server`` (a thread per
+      connection) whose handler only reads the body and answers fixed bytes of the same
+      size,
+  (d) two other servers of the same engine, called by the same client: the asyncio floor, a
+      minimal asyncio server that finds Content-Length by hand, checks nothing and runs the
+      same decoding, ``Engine.infer`` and encoding (``endpoint_vs_asyncio_floor``: what
+      the endpoint's HTTP parsing, limits and routing cost), and a FastAPI app on uvicorn
+      doing the same in an ``async def`` route (``endpoint_vs_fastapi``),
+and the ratios (b)/(a) and (c)/(a) of p50 latency. Client and servers run on the same CPUs
+(``--cpus``, one by default, as on a small device), so no server gets a core to itself.
+Then the idle RSS of a real ``edge-agent run`` process with one model loaded, and beside it
+the floor: a Python process holding only an onnxruntime session on the same model. Last
+line: one JSON object.
 
     python bench/infer.py                  # default sizes
     python bench/infer.py --seconds 0.3    # a quick run
+    python bench/infer.py --cpus 0,1       # client and servers on these CPUs
 """
 
 from __future__ import annotations
@@ -184,6 +193,117 @@ class TransportFloor:
         self.server.server_close()
 
 
+class AsyncioFloor:
+    """The least an asyncio HTTP server can do for this request: read until the headers
+    end, find Content-Length by hand, decode the body as the endpoint does, run the same
+    ``ModelHost.infer``, encode as the endpoint does, answer with fixed headers. No limits,
+    no checks, no routing: ``endpoint_vs_asyncio_floor`` is what those cost the endpoint."""
+
+    def __init__(self, host) -> None:
+        import asyncio
+        import threading
+
+        import msgspec
+
+        from agent.npy import dump_npy, load_npy
+
+        encode, decode = msgspec.json.encode, msgspec.json.decode
+
+        def answer(head: bytes, body: bytes) -> bytes:
+            if b"application/x-npy" in head:
+                outputs, _ = host.infer(load_npy(body))
+                payload = dump_npy(next(iter(outputs.values())))
+                return (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
+            outputs, loaded = host.infer(decode(body)["inputs"])
+            model = {"name": loaded.manifest.name, "version": loaded.manifest.version}
+            payload = encode({"model": model,
+                              "outputs": {k: v.tolist() for k, v in outputs.items()}})
+            return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
+
+        class Floor(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                self.transport, self.buffer = transport, b""
+
+            def data_received(self, data: bytes) -> None:
+                self.buffer += data
+                while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                    head = self.buffer[:end].lower()
+                    start = head.find(b"content-length:") + 15
+                    stop = head.find(b"\r", start)
+                    length = int(head[start : stop if stop >= 0 else None])
+                    if len(self.buffer) < end + 4 + length:
+                        return
+                    body = self.buffer[end + 4 : end + 4 + length]
+                    self.buffer = self.buffer[end + 4 + length :]
+                    self.transport.write(answer(head, body))
+
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def serve() -> None:
+            self.server = await self.loop.create_server(Floor, "127.0.0.1", 0)
+            started.set()
+
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(serve(), self.loop)
+        started.wait(10)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class FastApiWrapper:
+    """What an application developer would write around the same engine: a FastAPI app on
+    uvicorn (its defaults: httptools when installed, asyncio), the route an ``async def``
+    that decodes, calls ``ModelHost.infer`` inline and encodes as the endpoint does."""
+
+    def __init__(self, host) -> None:
+        import threading
+
+        import msgspec
+        import uvicorn
+        from fastapi import FastAPI, Request, Response
+
+        from agent.npy import dump_npy, load_npy
+        from fleet.local_broker import free_port
+
+        app = FastAPI()
+
+        async def infer(request: Request) -> Response:
+            body = await request.body()
+            if request.headers.get("content-type") == "application/x-npy":
+                outputs, _ = host.infer(load_npy(body))
+                return Response(dump_npy(next(iter(outputs.values()))),
+                                media_type="application/x-npy")
+            outputs, model = host.infer(msgspec.json.decode(body)["inputs"])
+            return Response(msgspec.json.encode({
+                "model": {"name": model.manifest.name, "version": model.manifest.version},
+                "outputs": {k: v.tolist() for k, v in outputs.items()},
+            }), media_type="application/json")
+
+        # Resolved, not strings (this module has postponed annotations): FastAPI reads them.
+        infer.__annotations__ = {"request": Request, "return": Response}
+        app.post("/v1/infer")(infer)
+        port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+            lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
 def http_latencies(
     urls: dict[str, str], body: bytes, headers: dict[str, str], seconds: float
 ) -> dict[str, dict[str, float]]:
@@ -197,31 +317,58 @@ def http_latencies(
         file.write(body)
         file.flush()
         spec = {"urls": urls, "body": file.name, "headers": headers, "seconds": seconds}
-        out = subprocess.run(
+        done = subprocess.run(
             [sys.executable, __file__, "--http-client", json.dumps(spec)],
-            capture_output=True, text=True, check=True, timeout=60 + 10 * seconds * len(urls),
-        ).stdout
-    return json.loads(out.splitlines()[-1])
+            capture_output=True, text=True, timeout=60 + 10 * seconds * len(urls),
+        )
+    if done.returncode:
+        raise RuntimeError(f"the HTTP client failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+class RawClient:
+    """A keep-alive HTTP/1.1 client on one socket, the request's bytes built once, the
+    answer read by its Content-Length: ~10 us of its own per call. httpx (pure-Python h11
+    under it) spends ~150 us per call on this machine, more than the servers compared
+    here, so with it every ratio between servers reads close to 1."""
+
+    def __init__(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        import socket
+
+        if url.startswith("unix:"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(url.removeprefix("unix:"))
+        else:
+            host, _, port = url.removeprefix("http://").rpartition(":")
+            self.sock = socket.create_connection((host, int(port)))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        lines = ["POST /v1/infer HTTP/1.1", "Host: agent", f"Content-Length: {len(body)}",
+                 *(f"{name}: {value}" for name, value in headers.items())]
+        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        self.buffer = bytearray()
+
+    def post(self) -> None:
+        self.sock.sendall(self.request)
+        buffer, recv = self.buffer, self.sock.recv
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            buffer += recv(1 << 20)
+        head = bytes(buffer[:end]).lower()
+        if not head.startswith(b"http/1.1 200"):
+            raise RuntimeError(f"not 200: {head[:200]!r}")
+        start = head.index(b"content-length:") + 15
+        stop = head.find(b"\r", start)
+        total = end + 4 + int(head[start : stop if stop >= 0 else None])
+        while len(buffer) < total:
+            buffer += recv(1 << 20)
+        del buffer[:total]
 
 
 def run_http_client(spec: dict) -> None:
     """The other process of :func:`http_latencies`: prints the results as one JSON line."""
-    import httpx
-
     body = Path(spec["body"]).read_bytes()
-
-    def client_for(url: str) -> httpx.Client:
-        if url.startswith("unix:"):
-            transport = httpx.HTTPTransport(uds=url.removeprefix("unix:"))
-            return httpx.Client(transport=transport, base_url="http://agent", timeout=30)
-        return httpx.Client(base_url=url, timeout=30)
-
-    clients = {name: client_for(url) for name, url in spec["urls"].items()}
-
-    def post(client: httpx.Client) -> None:
-        client.post("/v1/infer", content=body, headers=spec["headers"]).raise_for_status()
-
-    calls = {name: (lambda client=client: post(client)) for name, client in clients.items()}
+    clients = {name: RawClient(url, body, spec["headers"])
+               for name, url in spec["urls"].items()}
+    calls = {name: client.post for name, client in clients.items()}
     print(json.dumps(measure(calls, spec["seconds"])))
 
 
@@ -257,9 +404,23 @@ def rss_of_idle_agent(state_dir: Path) -> float:
         agent.wait(10)
 
 
+def pin_cpus(spec: str) -> set[int]:
+    """Pin this process (and so every process it starts) to the CPUs ``spec`` names."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if "," in spec or not spec.isdigit():
+        cpus = {int(cpu) for cpu in spec.split(",")} & set(allowed)
+    else:
+        cpus = set(allowed[: max(1, int(spec))])
+    os.sched_setaffinity(0, cpus or set(allowed))
+    return os.sched_getaffinity(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--cpus", default="1",
+                        help="CPUs for client and servers alike: a count of the allowed ones "
+                             "(default 1) or a list such as 0,1")
     parser.add_argument("--http-client", help=argparse.SUPPRESS)  # see http_latencies
     args = parser.parse_args()
     if args.http_client:
@@ -275,6 +436,8 @@ def main() -> None:
     from agent.runtime import load_engine
     from agent.serving import ModelHost
 
+    cpus = pin_cpus(args.cpus)  # inherited by the client and agent processes
+    print(f"client and servers on CPUs {sorted(cpus)}")
     figures: dict[str, float] = {}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
@@ -297,6 +460,8 @@ def main() -> None:
         unix_endpoint = InferenceEndpoint(host, socket_path=work / "agent.sock").start()
         client = httpx.Client(base_url=endpoint.where, timeout=30)
         floor = TransportFloor()
+        asyncio_floor = AsyncioFloor(host)
+        fastapi = FastApiWrapper(host)
         try:
             for batch in (1, 256):
                 x = rng.normal(size=(batch, FEATURES)).astype(np.float32)
@@ -323,7 +488,8 @@ def main() -> None:
                 results = measure(calls, args.seconds)
                 results.update(http_latencies(
                     {"endpoint": endpoint.where, "unix_sock": unix_endpoint.where,
-                     "http_floor": floor.url}, body, headers, args.seconds,
+                     "http_floor": floor.url, "aio_floor": asyncio_floor.url,
+                     "fastapi": fastapi.url}, body, headers, args.seconds,
                 ))
                 for name, result in results.items():
                     print(f"batch {batch:3d} {name:8s} p50 {result['p50_ms']:8.3f} ms  "
@@ -344,12 +510,19 @@ def main() -> None:
                 figures[f"endpoint_vs_http_floor_b{batch}"] = round(
                     results["endpoint"]["p50_ms"] / results["http_floor"]["p50_ms"], 3)
                 figures[f"bare_p50_ms_b{batch}"] = round(bare, 4)
+                for other in ("aio_floor", "fastapi"):
+                    label = {"aio_floor": "asyncio_floor"}.get(other, other)
+                    figures[f"{label}_p50_ms_b{batch}"] = round(results[other]["p50_ms"], 3)
+                    figures[f"endpoint_vs_{label}_b{batch}"] = round(
+                        results["endpoint"]["p50_ms"] / results[other]["p50_ms"], 3)
                 if tflite is not None:
                     figures[f"tflite_engine_vs_bare_b{batch}"] = round(
                         results["tfl_eng"]["p50_ms"] / results["tfl_bare"]["p50_ms"], 3)
         finally:
             client.close()
             floor.close()
+            asyncio_floor.close()
+            fastapi.close()
             endpoint.stop()
             unix_endpoint.stop()
             host.close()

@@ -333,9 +333,10 @@ class Answer:
     closed: bool  # the agent closed the connection after answering
 
 
-def _read_answer(raw: socket.socket) -> Answer | None:
-    """One HTTP answer from ``raw``; None if the agent closed without answering."""
-    reader = raw.makefile("rb")
+def _read_answer(source: socket.socket | io.BufferedReader) -> Answer | None:
+    """One HTTP answer; None if the agent closed without answering. Several answers on one
+    connection must be read through one reader: it may buffer the next answer too."""
+    reader = source.makefile("rb") if isinstance(source, socket.socket) else source
     status_line = reader.readline()
     if not status_line:
         return None
@@ -599,7 +600,8 @@ def test_pipelined_requests_are_answered_in_order(served, weights):
                           content_type="application/x-npy") + b for b in bodies)
     with socket.create_connection(served.address, timeout=10) as raw:
         raw.sendall(data + _head(None, method="GET", target="/healthz"))
-        answers = [_read_answer(raw) for _ in range(3)]
+        reader = raw.makefile("rb")
+        answers = [_read_answer(reader) for _ in range(3)]
     for answer, x in zip(answers[:2], (first, second), strict=True):
         assert answer is not None and answer.status == 200
         np.testing.assert_allclose(np.load(io.BytesIO(answer.body)),
