@@ -37,6 +37,7 @@ def test_update_and_rollback_under_load_fail_no_request(
     }
     agents.enroll("cam", fleet_server.url)
     agent = agents.start("cam", mosquitto)
+    wait_until(lambda: fleet_server.device("cam"), timeout=15, what="cam registered")
     deployed = fleet_server.cli("deploy", "detector", "--version", "1", "--device", "cam")
     assert deployed.returncode == 0, deployed.stderr
     wait_until(lambda: _serving(agent.endpoint), timeout=20, what="v1 serving")
