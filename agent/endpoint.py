@@ -39,6 +39,7 @@ serialises ``invoke``, so in the pool their requests queue there, and the loop s
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -72,6 +73,7 @@ NPY = "application/x-npy"
 NPZ = "application/x-npz"
 JSON = "application/json"
 _NPY = NPY.encode()
+_OK = HTTPStatus.OK.value
 TOO_LARGE_ADVICE = ("raise it with --max-request-mb, or send large batches as .npy "
                     f"({NPY}): a third of the size of the same numbers in JSON")
 
@@ -162,22 +164,24 @@ class _Routes:
         self.recent_infer_s = 0.8 * self.recent_infer_s + 0.2 * (time.perf_counter() - started)
         name, version = model.manifest.name, model.manifest.version
         if request.headers.get(b"accept") == _NPY and len(outputs) == 1:
-            return Response(HTTPStatus.OK, dump_npy(next(iter(outputs.values()))), NPY,
+            return Response(_OK, dump_npy(next(iter(outputs.values()))), NPY,
                             (("X-Model-Name", name), ("X-Model-Version", str(version))))
-        return _json(HTTPStatus.OK, {
+        return Response(_OK, _json_encoder.encode({
             "model": {"name": name, "version": version},
             "outputs": {key: value.tolist() for key, value in outputs.items()},
-        })
+        }), JSON)
 
     def _parse_inputs(self, request: Request) -> Any:
         headers = request.headers
         if b"content-length" not in headers and b"transfer-encoding" not in headers:
             raise _RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        content_type = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-        content_type = content_type.decode("latin-1")
+        content_type = _media_type(headers.get(b"content-type", b""))
         body = request.body
         if content_type in (JSON, ""):
-            document = _decode_json(body)
+            try:  # the common case inline; _decode_json tries again and explains
+                document = _json_decoder.decode(body)
+            except (msgspec.DecodeError, RecursionError):
+                document = _decode_json(body)
             if not isinstance(document, dict) or "inputs" not in document:
                 raise _RequestError(
                     HTTPStatus.BAD_REQUEST,
@@ -198,6 +202,13 @@ class _Routes:
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type {content_type!r}: use {JSON}, {NPY} or {NPZ}",
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _media_type(header: bytes) -> str:
+    """``application/json`` from ``Application/JSON; charset=utf-8``; a client sends the same
+    few values, so each is worked out once."""
+    return header.partition(b";")[0].strip().lower().decode("latin-1")
 
 
 def _decode_json(body: bytes) -> Any:

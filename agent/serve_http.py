@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple, NoReturn, TypeAlias
 
 import httptools
 import msgspec
@@ -143,6 +143,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = float("inf")
         self._head_bytes = 0
         self._paused = False  # reading paused by us (pipelining, a slow reader, a refusal)
+        self._refusal: HttpError | None = None  # answered once the refused body is dropped
         self._lingering = False  # answered for the last time: dropping input until EOF
         self._linger_left = 0
         self._now = 0.0
@@ -223,7 +224,6 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._length: int | None = None
-        self._refusal: HttpError | None = None  # answered once the refused body is dropped
         if self._phase == _IDLE and self._admitted:
             self._deadline = self._now + self._limits.head_timeout_s
         self._phase = _HEAD
@@ -234,22 +234,26 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.lower()
         if key == b"content-length":
-            self._length = _content_length(value, self._length)
+            if self._length is None and value.isdigit() and len(value) < 19:
+                self._length = int(value)  # bytes.isdigit: ASCII digits only
+            else:
+                _refuse_content_length(value, self._length)
         self._headers[key] = value  # a repeated header keeps its last value
         self._header_count += 1
 
     def on_headers_complete(self) -> None:
-        """Head limits are checked here, not per header: per read, ``data_received`` has
-        already bounded what a head can buffer; here its size as parsed is checked."""
+        """Head limits are checked here, not per header: ``data_received`` bounds what an
+        incomplete head can buffer; here the head's size is added up only when the bytes
+        read for it do not already show that it is small."""
         self._phase = _BODY
-        self._head_bytes = 0
+        read, self._head_bytes = self._head_bytes, 0
         limits = self._limits
         headers = self._headers
         if self._header_count > limits.max_headers:
             raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                             f"more than {limits.max_headers} request headers")
-        size = len(self._url) + sum(map(len, headers)) + sum(map(len, headers.values()))
-        if size > limits.max_head_bytes:
+        if (not read or read > limits.max_head_bytes) and limits.max_head_bytes < (
+                len(self._url) + sum(map(len, headers)) + sum(map(len, headers.values()))):
             raise self._head_too_large()
         length = self._length
         if self._admitted and (length is None or length <= limits.max_body_bytes):
@@ -297,10 +301,10 @@ class _Connection(asyncio.Protocol):
         parts = self._body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parser = self._parser
-        self._queue.append(Request(
+        self._queue.append(_new_tuple(Request, (  # Request(...) without a Python-level call
             parser.get_method().decode("ascii"), self._url.decode("latin-1"), self._headers,
             body, parser.should_keep_alive(),
-        ))
+        )))
         if self._busy or len(self._queue) > 1:
             self._pause()  # pipelined: read on once these are answered
 
@@ -429,18 +433,16 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
 
 
-def _content_length(value: bytes, seen: int | None) -> int:
-    """Strict: ASCII digits only, given once. Anything else could make this server and a
-    proxy in front of it disagree about where the body ends."""
+def _refuse_content_length(value: bytes, seen: int | None) -> NoReturn:
+    """Content-Length is ASCII digits, given once. Anything else could make this server and
+    a proxy in front of it disagree about where the body ends."""
     if seen is not None:
         raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length given more than once")
-    if not value.isdigit() or len(value) > 18:  # bytes.isdigit: ASCII digits only
-        raise HttpError(HTTPStatus.BAD_REQUEST,
-                        f"Content-Length {value[:40].decode('latin-1')!r} is not a number "
-                        "of bytes")
-    return int(value)
+    raise HttpError(HTTPStatus.BAD_REQUEST,
+                    f"Content-Length {value[:40].decode('latin-1')!r} is not a number of bytes")
 
 
+_new_tuple = tuple.__new__
 _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
 }

@@ -586,6 +586,29 @@ def test_oversized_headers_are_refused_431(served, weights, case):
     _assert_still_serves(served, weights)
 
 
+def test_a_head_that_never_ends_is_refused_431_once_it_passes_the_limit(served, weights):
+    """Nothing to parse to the end: the bytes read for the head are what is bounded."""
+    with socket.create_connection(served.address, timeout=10) as raw:
+        raw.sendall(b"POST /v1/infer HTTP/1.1\r\nX-Endless: ")
+        answer = None
+        for _ in range(100):  # 1.6 MB at most; refused after 64 KiB
+            try:
+                raw.sendall(b"a" * 16384)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            raw.settimeout(0.05)
+            try:
+                answer = _read_answer(raw)
+                break
+            except TimeoutError:
+                continue
+        if answer is None:
+            raw.settimeout(10)
+            answer = _read_answer(raw)
+    assert answer is not None and answer.status == 431, answer
+    _assert_still_serves(served, weights)
+
+
 def test_a_malformed_request_line_is_400(served, weights):
     answer = _exchange(served, b"HELLO THERE\r\n\r\n")
     assert answer is not None and answer.status == 400 and answer.closed, answer
