@@ -503,6 +503,7 @@ class HttpServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="endpoint", daemon=True)
         self._started = threading.Event()
+        self._failed: Exception | None = None
         self._stopped: asyncio.Event | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -510,6 +511,8 @@ class HttpServer:
     def start(self) -> None:
         self._thread.start()
         self._started.wait()
+        if self._failed is not None:
+            raise self._failed
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -527,7 +530,12 @@ class HttpServer:
     def _run(self) -> None:
         try:
             self._loop.run_until_complete(self._serve())
+        except Exception as exc:  # before serving: start() raises it; after: logged
+            self._failed = exc
+            if self._started.is_set():
+                log.exception("the inference endpoint stopped")
         finally:
+            self._started.set()
             self._loop.close()
 
     async def _serve(self) -> None:
