@@ -20,6 +20,9 @@ Why this shape:
   served (one more is answered 503 and closed). A refused body of a few times the limit is
   read and dropped, so the client sees the answer rather than a reset; a larger one is not
   worth reading.
+* The last answer on a connection (a refusal, or ``Connection: close``) is followed by FIN,
+  and what the client still sends is dropped for a moment: closing with unread bytes
+  would reset the connection, and the client could lose the answer that says why.
 * Answers go out in request order, each in one write. The application returns either a
   :class:`Response` (computed on the loop) or a function that makes one: that runs in the
   thread pool while the connection stops reading, so pipelined requests wait their turn and
