@@ -193,7 +193,8 @@ class Workers:
             ports.append(free_port())
             env = {**os.environ, "EDGEFLEET_DATABASE_URL": self.db_url,
                    "EDGEFLEET_DATA_DIR": str(self.work / f"fleet-{index}"),
-                   "EDGEFLEET_WORKER_ID": f"bench-{index}", "EDGEFLEET_LOG_LEVEL": "WARNING"}
+                   "EDGEFLEET_WORKER_ID": f"bench-{index}", "EDGEFLEET_LOG_LEVEL": "WARNING",
+                   "EDGEFLEET_INGEST_SHARED": "true"}
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "fleet.cli", "serve", "--port", str(ports[-1]),
                  "--broker", self.url], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -23,7 +23,11 @@ Why it looks like this:
 * ``status`` and ``reported`` are retained and low-volume: every worker subscribes to them
   directly, because MQTT v5 does not deliver retained messages to shared subscriptions and a
   restarted fleet must learn the current state. The high-volume streams (telemetry, events,
-  drift) use ``$share/fleet/...`` so N workers split them.
+  drift) use ``$share/fleet/...`` when several workers split them (``shared=True``); a lone
+  worker subscribes to them directly, because Mosquitto 2.0 does not restore a persistent
+  session's *shared* subscriptions after the broker restarts: until the worker reconnects
+  and subscribes again, what devices send to the empty group is dropped, while a direct
+  subscription is restored and its messages queued (``tests/e2e/test_outage.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from agent.contract import (
 from agent.mqtt import BrokerAddress, Inbound, MqttLink
 from fleet import devices, telemetry
 
-__all__ = ["SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
+__all__ = ["DIRECT_SUBSCRIPTIONS", "SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +68,15 @@ FLEET_ACCOUNT_PREFIX = "edgefleet-fleet-"
 RATE_WINDOW_S = 10
 REFUSAL_LOG_BURST = 10
 RETAINED_CHANNELS = frozenset({Channel.STATUS.value, Channel.REPORTED.value})
+_RETAINED = (Channel.STATUS, Channel.REPORTED)
+_STREAMS = (Channel.TELEMETRY, Channel.EVENTS, Channel.DRIFT)
+# Several workers: the streams split between them through the shared group.
 SUBSCRIPTIONS = (
-    f"{TOPIC_ROOT}/+/{Channel.STATUS.value}",
-    f"{TOPIC_ROOT}/+/{Channel.REPORTED.value}",
-    f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/+/{Channel.TELEMETRY.value}",
-    f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/+/{Channel.EVENTS.value}",
-    f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/+/{Channel.DRIFT.value}",
+    *(f"{TOPIC_ROOT}/+/{channel.value}" for channel in _RETAINED),
+    *(f"$share/{SHARED_GROUP}/{TOPIC_ROOT}/+/{channel.value}" for channel in _STREAMS),
 )
+# A lone worker: every channel directly (restored by the broker after its restart).
+DIRECT_SUBSCRIPTIONS = tuple(f"{TOPIC_ROOT}/+/{c.value}" for c in (*_RETAINED, *_STREAMS))
 
 
 @dataclass
@@ -175,10 +181,13 @@ class IngestWorker:
         session_expiry_s: int = 3600,
         batch_max: int = 500,
         batch_wait_s: float = 0.05,
+        shared: bool = False,
     ) -> None:
         """``worker_id`` must be stable across restarts of the same worker: the broker keeps
-        its session (subscriptions, unacknowledged messages) for ``session_expiry_s``."""
+        its session (subscriptions, unacknowledged messages) for ``session_expiry_s``.
+        ``shared``: one of several workers splitting the streams (see the module notes)."""
         self.engine = engine
+        self.subscriptions = SUBSCRIPTIONS if shared else DIRECT_SUBSCRIPTIONS
         self.metrics = IngestMetrics()
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
@@ -200,6 +209,8 @@ class IngestWorker:
             # holds, so _enqueue never blocks paho's thread (and its keepalives).
             receive_maximum=min(queue_max, 65535),
             session_expiry_s=session_expiry_s if worker_id else None,
+            # The broker is the fleet's own: come back quickly after it restarts.
+            max_backoff=5,
         )
 
     @property
@@ -221,7 +232,7 @@ class IngestWorker:
         return self.link.wait_connected(timeout)
 
     def _subscribe(self) -> None:
-        for name in SUBSCRIPTIONS:
+        for name in self.subscriptions:
             self.link.subscribe(name, qos=1)
 
     def _enqueue(self, message: Inbound) -> None:

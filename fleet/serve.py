@@ -151,6 +151,7 @@ def _serve_locked(
         queue_max=settings.ingest_queue_max,
         batch_wait_s=settings.ingest_batch_wait_s,
         worker_id=settings.worker_id or f"{socket.gethostname()}-{settings.port}",
+        shared=settings.ingest_shared,
     )
     ingest.start()
     app = create_app(engine, ingest, repository)

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # Stable per worker (default: host name + API port), so the broker keeps this worker's
     # session and unacknowledged messages across its restarts.
     worker_id: str | None = None
+    # Several workers on one broker split telemetry, events and drift through a shared
+    # subscription; a lone worker subscribes directly, which survives a Mosquitto restart
+    # (Mosquitto 2.0 does not restore shared subscriptions: see fleet.ingest).
+    ingest_shared: bool = False
     metadata_refresh_s: float = 60.0
     telemetry_retention_days: float = 7.0
 

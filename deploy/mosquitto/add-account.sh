@@ -122,9 +122,12 @@ if [ "$mode" = init ]; then
   for channel in status reported; do
     fleet_acls+="$(acl subscribePattern "$TREE/+/$channel"),$(acl unsubscribePattern "$TREE/+/$channel"),"
   done
+  # High-volume channels: shared by several workers, or direct for a lone worker (Mosquitto
+  # 2.0 does not restore shared subscriptions after its own restart; direct ones it does).
   for channel in telemetry events drift; do
     fleet_acls+="$(acl subscribePattern "\$share/fleet/$TREE/+/$channel"),"
     fleet_acls+="$(acl unsubscribePattern "\$share/fleet/$TREE/+/$channel"),"
+    fleet_acls+="$(acl subscribePattern "$TREE/+/$channel"),$(acl unsubscribePattern "$TREE/+/$channel"),"
   done
   for channel in status reported telemetry events drift; do
     fleet_acls+="$(acl publishClientReceive "$TREE/+/$channel"),"
