@@ -5,13 +5,23 @@ one error type. The link reconnects by itself with exponential backoff (paho's l
 and asks for a fresh Last Will before every connection attempt: each connection of a device
 announces its own offline message, which is how the fleet tells a stale will from a current
 one (see ``agent.contract``).
+
+A broker that cannot be reached is never silent: every failed attempt (nothing listening,
+a name that does not resolve, a refusal) is logged with where it went, why it failed and
+when the next attempt is due. The first failure of a run of them is a WARNING, the rest
+DEBUG, with a WARNING summary at most once a minute (:class:`FailureLog` decides; a device
+offline for a week writes ~10,000 lines, not ~20,000 warnings); success after failures
+says how long it took.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -21,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-__all__ = ["BrokerAddress", "Inbound", "LinkError", "MqttLink", "Will"]
+__all__ = ["BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink", "Will"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,67 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+class FailureLog:
+    """Decides how loudly each failed connection attempt is logged (pure: no IO, no clock).
+
+    :meth:`failed` returns the level and the text for one attempt: the first of a run of
+    failures at WARNING, later ones at DEBUG except one WARNING summary per ``every_s``.
+    :meth:`connected` ends the run and returns what to say about it (None if there was none).
+    """
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.failures = 0
+        self._first_at = 0.0
+        self._warned_at = 0.0
+
+    def failed(self, now: float, where: str, why: str, retry_in_s: float) -> tuple[int, str]:
+        self.failures += 1
+        retry = f"retrying in {retry_in_s:.0f} s"
+        if self.failures == 1:
+            self._first_at = self._warned_at = now
+            return logging.WARNING, f"cannot reach the broker {where}: {why}; {retry}"
+        since = _duration(now - self._first_at)
+        if now - self._warned_at >= self.every_s:
+            self._warned_at = now
+            return logging.WARNING, (
+                f"still cannot reach the broker {where}: {self.failures} attempts failed "
+                f"in {since} (last: {why}); {retry}"
+            )
+        return logging.DEBUG, (
+            f"attempt {self.failures} to reach the broker {where} failed: {why}; {retry}"
+        )
+
+    def connected(self, now: float) -> str | None:
+        failures, self.failures = self.failures, 0
+        if not failures:
+            return None
+        return f"after {failures} failed attempt(s) in {_duration(now - self._first_at)}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _describe(exc: BaseException | None) -> str:
+    """``ConnectionRefusedError: [Errno 111] Connection refused`` -> what a user reads."""
+    if exc is None:
+        return "unknown error"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve ({text})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port?)"
+    if isinstance(exc, TimeoutError):
+        return "no answer (timed out)"
+    return text
 
 
 class _State(enum.Enum):
@@ -135,6 +206,8 @@ class MqttLink:
         # Bumped on every connection: a PUBACK for a message from an earlier connection
         # would acknowledge whatever reuses its packet id now, so it is dropped instead.
         self._connection_generation = 0
+        self._min_backoff, self._max_backoff = 1, max_backoff
+        self._failures = FailureLog()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -150,6 +223,7 @@ class MqttLink:
             self._client.tls_set()
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
+        self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_message = self._handle_message
         self._on_published = on_published
         if on_published is not None:
@@ -224,11 +298,32 @@ class MqttLink:
         will = self._will_factory()
         self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
+    def _next_retry_s(self) -> float:
+        """When paho tries again: it doubles its delay from the minimum before each attempt
+        after a failure, and resets it on a successful CONNACK (read from paho, where it
+        keeps it). Only after the very first attempt fails does it wait twice, the
+        minimum and then double it, before the second."""
+        current = getattr(self._client, "_reconnect_delay", None)
+        if current is None:
+            return self._min_backoff + min(2 * self._min_backoff, self._max_backoff)
+        return min(current * 2, self._max_backoff)
+
+    def _log_failure(self, why: str) -> None:
+        retry_s = self._next_retry_s()
+        level, text = self._failures.failed(time.monotonic(), str(self.broker), why, retry_s)
+        at = time.strftime("%H:%M:%S", time.localtime(time.time() + retry_s))
+        log.log(level, "%s (at %s)", text, at)
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        """paho's thread, inside its ``except OSError``: the exception is the current one."""
+        self._log_failure(_describe(sys.exc_info()[1]))
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker %s refused the connection: %s", self.broker, reason_code)
+            self._log_failure(f"the broker refused the connection: {reason_code}")
             return
-        log.info("connected to %s", self.broker)
+        after = self._failures.connected(time.monotonic())
+        log.info("connected to %s%s", self.broker, f" {after}" if after else "")
         self._connection_generation += 1
         self._connected.set()
         if self._on_connect_cb is not None:
