@@ -362,4 +362,13 @@ def _check_cast(prefix: str, array: np.ndarray, target: np.dtype[Any]) -> None:
             )
         return
     if given.kind in _REFUSED_KINDS or not np.can_cast(given, target, "same_kind"):
-        raise InputError(f"{prefix}: expected dtype {target}, given {given}")
+        raise InputError(f"{prefix}: expected dtype {target}, given {_given(given)}")
+
+
+def _given(given: np.dtype[Any]) -> str:
+    """What the caller sent, in its terms: numpy's ``<U21`` is text to a JSON client."""
+    if given.kind in "US":
+        return "text"
+    if given.kind == "O":
+        return "values that are not numbers"
+    return str(given)
