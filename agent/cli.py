@@ -1,7 +1,10 @@
 """``edge-agent``: the device command line.
 
-argparse rather than typer: the agent's install stays small on the device.
-Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
+argparse rather than typer: the agent's install stays small on the device, and
+``--help``, ``--version`` and ``status`` import nothing heavy (no numpy, no runtime, no
+TUF): each command imports what it needs when it runs.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input, 141 the reader of the
+output went away (``edge-agent infer ... | head``: quietly, as ``cat`` would).
 """
 
 from __future__ import annotations
@@ -33,36 +36,79 @@ def _default_device_id() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
-    commands = parser.add_subparsers(dest="command", required=True)
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-    run = commands.add_parser("run", help="run the agent daemon")
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not one of {', '.join(_LOG_LEVELS)} (case does not matter)")
+    return level
+
+
+def _command(
+    commands, name: str, common: argparse.ArgumentParser, summary: str, examples: str
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=summary, description=summary, parents=[common],
+        epilog="examples:\n" + examples.rstrip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from agent import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="edge-agent", description=__doc__.splitlines()[0],
+        epilog="examples:\n"
+        "  edge-agent enroll --fleet http://fleet.lan:8000      # once per device\n"
+        "  edge-agent run --device-id cam-01                   # the daemon\n"
+        "  edge-agent status\n"
+        "  edge-agent run --help                               # a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}",
+                        help="print the version and exit")
+    log_help = ("DEBUG, INFO, WARNING or ERROR (default INFO; env EDGE_AGENT_LOG_LEVEL); "
+                "accepted before or after the command")
+    parser.add_argument("--log-level", type=_log_level,
+                        default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"), help=log_help)
+    # The same option after the command: SUPPRESS keeps the top-level value unless given.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help=log_help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    state_dir_default = Path(os.environ.get("EDGE_AGENT_STATE_DIR") or _default_state_dir())
+    state_dir_help = (f"the agent's state directory (default {state_dir_default}; "
+                      "env EDGE_AGENT_STATE_DIR)")
+
+    run = _command(commands, "run", common, "run the agent daemon", """\
+  edge-agent run --device-id cam-01 --state-dir /var/lib/edgefleet-agent
+  edge-agent run --broker mqtt://cam-01:PASSWORD@fleet.lan:1883 --listen 0.0.0.0:8470""")
     run.add_argument(
         "--broker",
-        default=os.environ.get("EDGE_AGENT_BROKER", "mqtt://127.0.0.1:1883"),
-        help="mqtt://[user[:pass]@]HOST:PORT or mqtts://… (env EDGE_AGENT_BROKER)",
+        help="mqtt://[user[:pass]@]HOST:PORT or mqtts://… (env EDGE_AGENT_BROKER; default: "
+        "the broker the fleet named at enrollment, else mqtt://127.0.0.1:1883)",
     )
     run.add_argument(
         "--device-id",
         default=os.environ.get("EDGE_AGENT_DEVICE_ID") or _default_device_id(),
         help="this device's id (default: the host name; env EDGE_AGENT_DEVICE_ID)",
     )
-    state_dir_default = Path(os.environ.get("EDGE_AGENT_STATE_DIR") or _default_state_dir())
-    run.add_argument(
-        "--state-dir",
-        type=Path,
-        default=state_dir_default,
-        help="where the agent keeps its state (env EDGE_AGENT_STATE_DIR)",
-    )
-    run.add_argument("--interval", type=float, default=10.0, help="heartbeat seconds")
-    run.add_argument("--keepalive", type=int, default=15, help="MQTT keepalive seconds")
+    run.add_argument("--state-dir", type=Path, default=state_dir_default, help=state_dir_help)
+    run.add_argument("--interval", type=float, default=10.0,
+                     help="seconds between heartbeats (default 10)")
+    run.add_argument("--keepalive", type=int, default=15,
+                     help="MQTT keepalive seconds: how soon the fleet learns of a lost "
+                     "device (default 15)")
     run.add_argument("--fleet", help="fleet URL for bundles (default: the enrolled one)")
     run.add_argument("--max-bundle-mb", type=float, default=512.0,
                      help="refuse bundles larger than this (default 512)")
     run.add_argument("--listen", default=os.environ.get("EDGE_AGENT_LISTEN", "127.0.0.1:8470"),
-                     help="local inference endpoint HOST:PORT, or 'off' (default 127.0.0.1:8470)")
+                     help="local inference endpoint HOST:PORT, or 'off' (default "
+                     "127.0.0.1:8470; env EDGE_AGENT_LISTEN)")
     run.add_argument("--socket", type=Path, help="serve the endpoint on this Unix socket instead")
     run.add_argument("--max-request-mb", type=float, default=16.0,
                      help="largest inference request body (default 16)")
@@ -86,24 +132,52 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds over which --download-floor is measured "
         "(default 60; env EDGE_AGENT_DOWNLOAD_WINDOW)",
     )
+    run.add_argument(
+        "--fleet-silence", type=float,
+        default=os.environ.get("EDGE_AGENT_FLEET_SILENCE") or 60.0,
+        help="seconds connected with nothing from a fleet before saying so (a WARNING when "
+        "not enrolled; default 60; env EDGE_AGENT_FLEET_SILENCE)",
+    )
     _add_engine_arguments(run)
 
-    enroll = commands.add_parser("enroll", help="pin the fleet's root of trust (once)")
+    enroll = _command(
+        commands, "enroll", common,
+        "pin the fleet's root of trust and learn its broker (once per device)", """\
+  edge-agent enroll --fleet http://fleet.lan:8000 --state-dir /var/lib/edgefleet-agent""")
     enroll.add_argument("--fleet", required=True, help="fleet URL, e.g. http://fleet:8000")
-    enroll.add_argument("--state-dir", type=Path, default=state_dir_default)
-    enroll.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    enroll.add_argument("--state-dir", type=Path, default=state_dir_default,
+                        help=state_dir_help)
+    enroll.add_argument("--force", action="store_true",
+                        help="replace an existing enrollment (trusts the fleet's root anew)")
 
-    rollback = commands.add_parser(
-        "rollback", help="switch back to the previous model (once; the fleet is told)"
-    )
-    rollback.add_argument("--state-dir", type=Path, default=state_dir_default)
+    status = _command(
+        commands, "status", common,
+        "show the fleet, device id, trust, active model, desired state and outbox "
+        "(with or without a running agent)", """\
+  edge-agent status --state-dir /var/lib/edgefleet-agent
+  edge-agent status --json""")
+    status.add_argument("--state-dir", type=Path, default=state_dir_default,
+                        help=state_dir_help)
+    status.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+    rollback = _command(
+        commands, "rollback", common,
+        "switch back to the previous model (once; the fleet is told)", """\
+  edge-agent rollback --state-dir /var/lib/edgefleet-agent""")
+    rollback.add_argument("--state-dir", type=Path, default=state_dir_default,
+                          help=state_dir_help)
     rollback.add_argument("--timeout", type=float, default=180.0,
                           help="seconds to wait for the running agent (default 180)")
 
-    infer = commands.add_parser("infer", help="run a model on input data, print JSON outputs")
+    infer = _command(
+        commands, "infer", common, "run a model on input data, print JSON outputs", """\
+  edge-agent infer model.onnx --input sample.json      # [[0.1, 0.2, 0.3, 0.4]]
+  edge-agent infer model.onnx --input request.json     # {"inputs": {"x": [[...]]}}
+  edge-agent infer model.tflite --input batch.npy --threads 2""")
     infer.add_argument("model", type=Path, help="a .onnx or .tflite model file")
     infer.add_argument("--input", dest="input_path", type=Path, required=True,
-                       help=".json (list, or {input: list}), .npy or .npz")
+                       help=".json (a list, {input: list}, or the endpoint's "
+                       "{\"inputs\": ...}), .npy or .npz")
     _add_engine_arguments(infer)
     return parser
 
@@ -160,10 +234,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         print("error: --interval must be greater than 0", file=sys.stderr)
         return 2
+    broker_url, broker_source = _broker(args)
     try:
-        broker = BrokerAddress.parse(args.broker)
+        broker = BrokerAddress.parse(broker_url)
     except ValueError as exc:
-        print(f"error: --broker: {exc}", file=sys.stderr)
+        print(f"error: {broker_source}: {exc}", file=sys.stderr)
+        return 2
+    if args.fleet_silence <= 0:
+        print("error: --fleet-silence must be greater than 0", file=sys.stderr)
         return 2
     listen = None
     if args.listen != "off" and args.socket is None:
@@ -200,6 +278,8 @@ def _run(args: argparse.Namespace) -> int:
                 outbox_bytes=int(args.outbox_mb * 1024 * 1024),
                 engine=engine,
                 download=download,
+                broker_source=broker_source,
+                fleet_silence_s=args.fleet_silence,
             )
         )
     except (OSError, SlotsBusyError) as exc:  # state dir not writable, port taken, ...
@@ -211,27 +291,88 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker(args: argparse.Namespace) -> tuple[str, str]:
+    """The broker URL to use and where it came from: --broker, then EDGE_AGENT_BROKER,
+    then what the fleet named at enrollment, then the local default."""
+    from agent.daemon import DEFAULT_BROKER, DEFAULT_BROKER_SOURCE
+    from agent.state import peek
+
+    if args.broker:
+        return args.broker, "--broker"
+    if os.environ.get("EDGE_AGENT_BROKER"):
+        return os.environ["EDGE_AGENT_BROKER"], "EDGE_AGENT_BROKER"
+    stored = peek(args.state_dir)
+    if stored.get("broker_url"):
+        return stored["broker_url"], f"named by {stored.get('fleet_url')} at enrollment"
+    return DEFAULT_BROKER, DEFAULT_BROKER_SOURCE
+
+
 def _enroll(args: argparse.Namespace) -> int:
     from agent.errors import TrustError
     from agent.state import AgentState
-    from agent.trust.client import enroll
+    from agent.trust.client import enroll, fetch_device_broker
 
+    fleet = args.fleet.rstrip("/")
+    if not fleet.startswith(("http://", "https://")):
+        print(f"error: --fleet {args.fleet!r}: expected http://HOST:PORT or https://…",
+              file=sys.stderr)
+        return 2
     state = AgentState(args.state_dir)
     try:
         if state.fleet_url and not args.force:
             print(f"error: already enrolled with {state.fleet_url} (use --force to replace)",
                   file=sys.stderr)
             return 2
-        root = enroll(args.fleet, args.state_dir / "tuf")
-        state.put("fleet_url", args.fleet.rstrip("/"))
+        root = enroll(fleet, args.state_dir / "tuf")
+        state.put("fleet_url", fleet)
+        try:
+            broker = fetch_device_broker(fleet)
+            problem = None
+        except ValueError as exc:
+            broker, problem = None, str(exc)
+        if broker is not None:
+            state.put("broker_url", broker)
+        else:
+            state.delete("broker_url")
     except TrustError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         state.close()
     keyids = ", ".join(k[:12] for k in root.roles["root"].keyids)
-    print(f"enrolled with {args.fleet}: root v{root.version}, root keys {keyids}, "
+    print(f"enrolled with {fleet}: root v{root.version}, root keys {keyids}, "
           f"threshold {root.roles['root'].threshold}")
+    if broker is not None:
+        print(f"broker: {broker} (edge-agent run uses it unless given --broker)")
+    else:
+        print(f"warning: the fleet did not name its broker ({problem or 'it does not say'}): "
+              "give edge-agent run --broker mqtt://HOST:PORT", file=sys.stderr)
+    return 0
+
+
+def _existing_state_dir(state_dir: Path) -> bool:
+    """A command that reads or changes an agent's state refuses a directory that is not
+    one (a typo must not become a new, empty agent); says why on stderr."""
+    if not state_dir.is_dir():
+        print(f"error: --state-dir {state_dir}: no such directory (check the path, or "
+              "EDGE_AGENT_STATE_DIR; `edge-agent enroll` or `run` creates it)", file=sys.stderr)
+        return False
+    if not (state_dir / "agent.db").is_file():
+        print(f"error: --state-dir {state_dir}: not an agent's state directory (no agent.db)",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.status import collect, render
+
+    if not _existing_state_dir(args.state_dir):
+        return 2
+    status = collect(args.state_dir)
+    print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
 
 
@@ -240,6 +381,8 @@ def _rollback(args: argparse.Namespace) -> int:
     no agent running, roll back on disk under the slots' lock (reported at its start)."""
     from agent.control import NoDaemonError, request, socket_path
 
+    if not _existing_state_dir(args.state_dir):
+        return 2
     path = socket_path(args.state_dir)
     try:
         reply = request(path, "rollback", timeout=args.timeout)
@@ -291,25 +434,39 @@ def _rollback_offline(state_dir: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command == "run":
-        return _run(args)
-    if args.command == "enroll":
-        return _enroll(args)
-    if args.command == "rollback":
-        return _rollback(args)
+def _infer(args: argparse.Namespace) -> int:
     from agent.infer_cmd import infer_main
 
     engine = _engine_options(args, onnx_models=args.model.suffix.lower() != ".tflite")
     if engine is None:
         return 2
     return infer_main(args.model, args.input_path, engine)
+
+
+_COMMANDS = {"run": _run, "enroll": _enroll, "status": _status, "rollback": _rollback,
+             "infer": _infer}
+SIGPIPE_EXIT = 128 + signal.SIGPIPE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # `edge-agent infer ... | head`: the reader has what it wanted. No traceback, and
+        # no second error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return SIGPIPE_EXIT
+    return code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ What the fleet can rely on while this runs:
   the fleet as ``rolled_back``. The daemon holds the slots' lock file for its whole life:
   no other process changes the slots while it runs.
 
+* the daemon says when it cannot work as a device of a fleet: at start-up when it is not
+  enrolled (every desired state would be refused) or runs on the default broker for want
+  of another, and once connected, if nothing comes from a fleet for ``fleet_silence_s``
+  (:func:`fleet_silence`): a device on the wrong broker never appears in its fleet.
+
 Threads: paho's network thread only queues desired-state payloads; the intake thread
 verifies and accepts them (it may refresh TUF metadata); the reconciler thread installs,
 rolls back and switches; the main thread queues heartbeats.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import queue
 import threading
@@ -69,7 +75,7 @@ from agent.reconciler import Reconciler
 from agent.runtime import EngineOptions
 from agent.serving import ModelHost
 from agent.slots import SlotsBusyError
-from agent.state import AgentState
+from agent.state import AgentState, is_enrolled
 from agent.stats import InferenceStats
 from agent.trust.download import DownloadLimits
 
@@ -77,7 +83,14 @@ if TYPE_CHECKING:
     from agent.contract import DesiredState
     from agent.trust.client import BundleClient
 
-__all__ = ["AgentConfig", "AgentDaemon", "platform_info"]
+__all__ = [
+    "DEFAULT_BROKER",
+    "DEFAULT_BROKER_SOURCE",
+    "AgentConfig",
+    "AgentDaemon",
+    "fleet_silence",
+    "platform_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +114,35 @@ def platform_info() -> PlatformInfo:
 
 
 DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_BROKER_SOURCE = "default"
 # A heartbeat older than this says nothing useful: it expires in the outbox and the broker.
 HEARTBEAT_EXPIRY_S = 24 * 3600
 # How long `edge-agent rollback` waits for the daemon: loading and checking the model.
 ROLLBACK_REPLY_TIMEOUT_S = 120.0
+
+
+def fleet_silence(
+    *, enrolled: bool, heard: bool, has_desired: bool, connected_for_s: float, after_s: float,
+) -> tuple[int, str] | None:
+    """What to log when a connected agent has heard nothing from a fleet (level, text).
+
+    Nothing once a desired state came (now or in an earlier run), or before ``after_s`` of
+    connection. Not enrolled: a WARNING, this device cannot be any fleet's. Enrolled: an
+    INFO, since a fleet sends nothing until its first deployment to the device."""
+    if heard or has_desired or connected_for_s < after_s:
+        return None
+    waited = f"connected for {connected_for_s:.0f} s and no fleet has sent this device anything"
+    if not enrolled:
+        return logging.WARNING, (
+            f"{waited}, and it is not enrolled: enroll it with its fleet "
+            "(`edge-agent enroll --fleet URL`), which also names the fleet's broker; a device "
+            "on another broker never appears in `edge-fleet devices list`"
+        )
+    return logging.INFO, (
+        f"{waited} yet: normal until its first deployment; if `edge-fleet devices list` does "
+        "not show this device, this broker is not its fleet's"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +164,8 @@ class AgentConfig:
     outbox_rate: float = 200.0  # messages per second while draining a backlog
     engine: EngineOptions = field(default_factory=EngineOptions)  # providers, threads
     download: DownloadLimits = field(default_factory=DownloadLimits)  # deadline, floor
+    broker_source: str = "--broker"  # where the broker address came from, for the logs
+    fleet_silence_s: float = 60.0  # connected this long with no word from a fleet: say so
 
 
 class AgentDaemon:
@@ -153,7 +193,8 @@ class AgentDaemon:
             retry_max_s=config.retry_max_s,
         )
         self.control = ControlServer(
-            socket_path(config.state_dir), {"rollback": self._control_rollback}
+            socket_path(config.state_dir),
+            {"rollback": self._control_rollback, "status": self._control_status},
         )
         # Bound here, so a taken port is an error at start-up, not a dead thread later.
         self.endpoint: InferenceEndpoint | None = None
@@ -169,6 +210,9 @@ class AgentDaemon:
         self._work: queue.Queue[bytes | None] = queue.Queue()
         self._worker = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         self._stop = threading.Event()
+        self._heard_from_fleet = threading.Event()  # a desired message came in this run
+        self._silence_noted = False
+        self._connected_since: float | None = None
         self._publish_lock = threading.Lock()
         # The connection id is the seq reserved for that connection's Last Will.
         self._armed_connection = 0
@@ -271,6 +315,7 @@ class AgentDaemon:
         if message.topic != self._topic(Channel.DESIRED):
             log.warning("ignoring a message on unexpected topic %s", message.topic)
             return
+        self._heard_from_fleet.set()
         if message.payload:  # an empty retained payload clears the desired state
             self._work.put(message.payload)
 
@@ -354,6 +399,39 @@ class AgentDaemon:
                     "error": f"no answer from the agent within {ROLLBACK_REPLY_TIMEOUT_S:.0f}s"}
         return {"ok": True, **record.event_detail()}
 
+    def _control_status(self) -> dict:
+        """``edge-agent status``: what only the running daemon knows."""
+        current = self.host.current
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "device_id": self.config.device_id,
+            "broker": str(self.config.broker),
+            "connected": self.link.connected,
+            "serving": to_data(current.manifest.ref) if current else None,
+        }
+
+    def _check_fleet_silence(self) -> None:
+        """Once per run: say so when connected and nothing ever came from a fleet."""
+        if self._silence_noted:
+            return
+        if not self.link.connected:
+            self._connected_since = None
+            return
+        now = time.monotonic()
+        if self._connected_since is None:
+            self._connected_since = now
+        said = fleet_silence(
+            enrolled=is_enrolled(self.config.state_dir),
+            heard=self._heard_from_fleet.is_set(),
+            has_desired=self.state.desired() is not None,
+            connected_for_s=now - self._connected_since,
+            after_s=self.config.fleet_silence_s,
+        )
+        if said is not None:
+            self._silence_noted = True
+            log.log(said[0], "%s (broker %s)", said[1], self.config.broker)
+
     def heartbeat(self) -> HeartbeatTelemetry:
         sample = self._sampler.sample()
         outbox = self.outbox.stats()
@@ -378,12 +456,15 @@ class AgentDaemon:
     def run(self) -> None:
         """Block until :meth:`stop`; survives any number of broker outages."""
         log.info(
-            "agent %s starting: device %s, broker %s, state %s",
+            "agent %s starting: device %s, broker %s (%s), state %s",
             __version__,
             self.config.device_id,
             self.config.broker,
+            self.config.broker_source,
             self.config.state_dir,
         )
+        self.state.put("device_id", self.config.device_id)  # for `edge-agent status`
+        self._warn_about_set_up()
         if self.endpoint is not None:
             self.endpoint.start()
         self.link.start()  # publishes made before the connection is up are queued
@@ -405,10 +486,29 @@ class AgentDaemon:
         self.drainer.start()
         try:
             while not self._stop.wait(self.config.interval_s):
+                self._check_fleet_silence()
                 self.reconciler.follow_disk()
                 self._queue_heartbeat()  # also while offline: the outbox keeps it
         finally:
             self._shutdown()
+
+    def _warn_about_set_up(self) -> None:
+        """Loudly, at start-up: what keeps this agent from working as a fleet's device."""
+        state_dir = self.config.state_dir
+        if self.config.broker_source == DEFAULT_BROKER_SOURCE:
+            log.warning(
+                "no broker given (--broker, EDGE_AGENT_BROKER) and none learnt at enrollment: "
+                "trying %s, which may not be the fleet's", self.config.broker,
+            )
+        if not is_enrolled(state_dir):
+            log.warning(
+                "NOT ENROLLED: this agent trusts no fleet and refuses every deployment "
+                "(desired_rejected unsigned_desired_state). Enroll it once: "
+                "edge-agent enroll --fleet http://FLEET:8000 --state-dir %s", state_dir,
+            )
+        elif self._fleet_url is None:
+            log.warning("enrolled, but no fleet URL is known to fetch bundles from: "
+                        "give --fleet URL or enroll again with --force")
 
     def _shutdown(self) -> None:
         self.control.stop()

@@ -35,7 +35,7 @@ def run_infer(
     data = load_input_file(input_path)
     options = options or EngineOptions()
     with load_engine(model_path, **options.for_model(model_path)) as engine:
-        outputs = engine.infer(data)
+        outputs = engine.infer(_unwrap(data, {spec.name for spec in engine.inputs}))
     return {
         "model": str(model_path),
         "outputs": {name: value.tolist() for name, value in outputs.items()},
@@ -61,7 +61,8 @@ def infer_main(model_path: Path, input_path: Path, options: EngineOptions | None
 
 
 def load_input_file(path: Path) -> InputData:
-    """JSON (a nested list, or an object of input name -> nested list), ``.npy`` or ``.npz``.
+    """JSON (a nested list, an object of input name -> nested list, or either inside the
+    endpoint's ``{"inputs": ...}``), ``.npy`` or ``.npz``.
 
     ``.npz`` maps names to arrays, except that a lone unnamed array (``np.savez(f, a)`` stores
     it as ``arr_0``) is passed positionally. Pickled arrays are never loaded.
@@ -102,6 +103,15 @@ def _parse_json(path: Path, text: str) -> InputData:
             f"input file {path}: expected a JSON array, or an object mapping input names "
             f"to arrays, given {type(data).__name__}"
         )
+    return data
+
+
+def _unwrap(data: InputData, input_names: set[str]) -> InputData:
+    """The endpoint's request body ``{"inputs": ...}`` means what it means there, so a
+    request saved from an application runs as is; unless the model has an input named
+    ``inputs``, which then takes the object as a name -> array map like any other."""
+    if isinstance(data, dict) and list(data) == ["inputs"] and "inputs" not in input_names:
+        return data["inputs"]
     return data
 
 

@@ -251,6 +251,17 @@ class _ProgressLog:
     def __call__(self, have: int, total: int) -> None:
         percent = 100 * have // total if total else 100
         if percent >= self._next:
-            log.info("downloading %s: %d%% (%.1f / %.1f MB)", self.name, percent,
-                     have / 1e6, total / 1e6)
+            log.info("downloading %s: %d%% (%s of %s)", self.name, percent,
+                     format_size(have), format_size(total))
             self._next = percent + 10
+
+
+def format_size(count: int) -> str:
+    """Bytes as read by a person: ``900 B``, ``3.2 KiB``, ``41.0 MiB``, ``1.20 GiB``."""
+    if count < 1024:
+        return f"{count} B"
+    if count < 1024**2:
+        return f"{count / 1024:.1f} KiB"
+    if count < 1024**3:
+        return f"{count / 1024**2:.1f} MiB"
+    return f"{count / 1024**3:.2f} GiB"

@@ -11,6 +11,10 @@ Invariants:
   state file starts from the wall clock in microseconds, so a wiped device keeps counting
   upwards.
 * the accepted desired state is only replaced by one with a greater ``generation``.
+
+Besides, the file keeps what enrollment learnt (``fleet_url``, ``broker_url``) and the id
+the daemon last ran as (``device_id``); :func:`peek` reads them without creating anything,
+for ``edge-agent status`` and ``run``, whether or not a daemon holds the directory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from agent.contract import DesiredState, decode, to_json
 
-__all__ = ["SEQ_BLOCK", "AgentState"]
+__all__ = ["SEQ_BLOCK", "AgentState", "is_enrolled", "peek", "root_path"]
 
 SEQ_BLOCK = 1000
 
@@ -32,6 +36,32 @@ CREATE TABLE IF NOT EXISTS kv (
     value TEXT NOT NULL
 );
 """
+
+
+def root_path(state_dir: Path) -> Path:
+    """The trusted TUF root pinned by ``edge-agent enroll`` (kept current by refreshes)."""
+    return state_dir / "tuf" / "root.json"
+
+
+def is_enrolled(state_dir: Path) -> bool:
+    return root_path(state_dir).is_file()
+
+
+def peek(state_dir: Path) -> dict[str, str]:
+    """Every stored key of ``state_dir``'s state file, read-only; {} if there is none.
+
+    Never creates the directory or the file (a mistyped ``--state-dir`` stays a mistake),
+    and reads beside a running daemon (WAL: readers do not block the writer)."""
+    path = state_dir / "agent.db"
+    if not path.is_file():
+        return {}
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(db.execute("SELECT key, value FROM kv").fetchall())
+    except sqlite3.OperationalError:  # no kv table yet: a file being created right now
+        return {}
+    finally:
+        db.close()
 
 
 class AgentState:
@@ -96,9 +126,18 @@ class AgentState:
         with self._lock:
             self._put(key, value)
 
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
     @property
     def fleet_url(self) -> str | None:
         return self.get("fleet_url")
+
+    @property
+    def broker_url(self) -> str | None:
+        """The broker the fleet named at enrollment (mqtt://HOST:PORT, no credentials)."""
+        return self.get("broker_url")
 
     @property
     def applied_generation(self) -> int:

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ from agent.errors import (
 from agent.trust.desired import DirectorKeys
 from agent.trust.download import DownloadLimits, DownloadWatch
 
-__all__ = ["BundleClient", "HashingWriter", "enroll"]
+__all__ = ["BundleClient", "HashingWriter", "enroll", "fetch_device_broker"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,53 @@ def enroll(fleet_url: str, metadata_dir: Path) -> Root:
     os.replace(tmp, metadata_dir / "root.json")
     fsync_dir(metadata_dir)
     return root_md.signed
+
+
+_MAX_DEVICE_CONFIG_BYTES = 4096
+# Host (name, IPv4, or [IPv6]) and port only: no credentials, path or query.
+_BROKER_URL = re.compile(r"mqtts?://(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+
+
+def fetch_device_broker(fleet_url: str) -> str | None:
+    """The broker the fleet tells devices to use (``GET /api/v1/device-config``), as
+    ``mqtt://HOST:PORT``; None if this fleet does not say (an older fleet: 404, or one
+    without a broker). A broken answer raises :class:`ValueError` naming what is wrong.
+
+    Not signed, and needs not be: a wrong broker cannot make the device accept anything
+    (desired states are checked against the pinned root), only keep it away from its
+    fleet, which the daemon warns about."""
+    import json
+
+    from agent.mqtt import BrokerAddress
+
+    url = f"{fleet_url.rstrip('/')}/api/v1/device-config"
+    try:
+        response = _http().request("GET", url, preload_content=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise ValueError(f"cannot fetch {url}: {exc}") from exc
+    try:
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise ValueError(f"{url}: HTTP {response.status}")
+        body = response.read(_MAX_DEVICE_CONFIG_BYTES + 1)
+    finally:
+        response.release_conn()
+    if len(body) > _MAX_DEVICE_CONFIG_BYTES:
+        raise ValueError(f"{url}: answer larger than {_MAX_DEVICE_CONFIG_BYTES} bytes")
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"{url}: not JSON: {exc}") from exc
+    broker = document.get("broker") if isinstance(document, dict) else None
+    if broker is None:
+        return None
+    if not isinstance(broker, str):
+        raise ValueError(f"{url}: broker must be a string, given {type(broker).__name__}")
+    if len(broker) > 300 or not _BROKER_URL.fullmatch(broker):
+        raise ValueError(f"{url}: broker {broker[:100]!r} is not mqtt://HOST:PORT")
+    address = BrokerAddress.parse(broker)  # ValueError names the URL and the problem
+    return str(address)
 
 
 class BundleClient:
