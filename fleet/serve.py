@@ -13,6 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +27,7 @@ from agent.contract import utcnow
 from agent.mqtt import BrokerAddress
 from fleet import telemetry
 from fleet.api import create_app
+from fleet.api.routes.device_config import DeviceBroker
 from fleet.data_dir import DataDirLock, local_broker_port
 from fleet.db import init_db, make_engine
 from fleet.ingest import IngestWorker
@@ -64,28 +68,115 @@ def _exit_on_signal(_signum: int, _frame: object) -> None:
     raise SystemExit(0)  # a requested stop that completed its clean-up is a success
 
 
-def _start_local_agent(settings: Settings, broker_url: str, device_id: str) -> subprocess.Popen:
-    """The quickstart's device: a real ``edge-agent run`` next to the fleet."""
-    agents_dir = settings.data_dir / "agents"
-    agents_dir.mkdir(parents=True, exist_ok=True)
-    script = Path(sys.executable).parent / "edge-agent"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
-    command += [
-        "run",
-        "--device-id", device_id,
-        "--state-dir", str(agents_dir / device_id),
-        "--interval", "5",
-    ]  # fmt: skip
-    with (agents_dir / f"{device_id}.log").open("ab") as log_file:
-        return subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the fleet, which stops the agent first
+def _api_url(settings: Settings) -> str:
+    """The API's URL as a process on this host reaches it (a wildcard bind: loopback)."""
+    host = settings.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+class _LocalAgent:
+    """The quickstart's device: enrolled with this fleet like any device (``edge-agent
+    enroll``, once the API answers), then a real ``edge-agent run`` next to the fleet, so
+    a deployment to it is verified and installed as on a real device."""
+
+    def __init__(
+        self, settings: Settings, device_id: str, broker_env: str | None,
+        say: Callable[[str], None],
+    ) -> None:
+        self.device_id = device_id
+        self.api_url = _api_url(settings)
+        self.agents_dir = settings.data_dir / "agents"
+        self.state_dir = self.agents_dir / device_id
+        self.log_path = self.agents_dir / f"{device_id}.log"
+        # Given only for a broker the fleet was told (--broker): the local broker is
+        # learnt at enrollment, as a device would.
+        self._broker_env = broker_env
+        self._say = say
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.process: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._enroll_and_run, name="local-agent",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self.agents_dir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            process = self.process
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _command(self, *args: str) -> list[str]:
+        script = Path(sys.executable).parent / "edge-agent"
+        return ([str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]) + [
+            *args]
+
+    def _enroll_and_run(self) -> None:
+        if not self._wait_for_api(deadline=time.monotonic() + 60):
+            return
+        # --force: the local agent's state lives in this data directory, so re-pinning
+        # this very fleet's root is safe, and keeps its fleet URL and broker current
+        # when the fleet restarts on another port.
+        enroll = self._command("enroll", "--fleet", self.api_url,
+                               "--state-dir", str(self.state_dir), "--force")
+        with self.log_path.open("ab") as log_file:
+            done = subprocess.run(enroll, stdout=log_file, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=120, check=False)
+        if done.returncode != 0:
+            self._say(f"agent: {self.device_id} could not enroll with {self.api_url} "
+                      f"(see {self.log_path}); it is not started")
+            return
+        env = dict(os.environ)
+        if self._broker_env is not None:
             # In the environment, not argv: a broker password must not show in `ps`.
-            env={**os.environ, "EDGE_AGENT_BROKER": broker_url},
-        )
+            env["EDGE_AGENT_BROKER"] = self._broker_env
+        run = self._command(
+            "run",
+            "--device-id", self.device_id,
+            "--state-dir", str(self.state_dir),
+            "--fleet", self.api_url,
+            "--interval", "5",
+        )  # fmt: skip
+        with self._lock:
+            if self._stopping:
+                return
+            with self.log_path.open("ab") as log_file:
+                self.process = subprocess.Popen(
+                    run,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches the fleet, which stops it first
+                    env=env,
+                )
+        self._say(f"agent: {self.device_id} enrolled with {self.api_url} and running "
+                  f"(log {self.log_path})")
+
+    def _wait_for_api(self, deadline: float) -> bool:
+        while not self._stopping and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/healthz", timeout=2):
+                    return True
+            except OSError:
+                time.sleep(0.2)
+        if not self._stopping:
+            self._say(f"agent: the API at {self.api_url} did not answer within 60 s; "
+                      f"{self.device_id} is not started")
+        return False
 
 
 def serve(
@@ -106,6 +197,11 @@ def _serve_locked(
             f"the API address {settings.host}:{settings.port} is in use: stop what listens "
             "there, or choose another with --port (EDGEFLEET_PORT)"
         )
+    if settings.device_broker_url:
+        try:
+            DeviceBroker.from_urls(settings.device_broker_url, settings.device_broker_url)
+        except ValueError as exc:
+            raise ServeError(f"EDGEFLEET_DEVICE_BROKER_URL: {exc}") from None
     engine = make_engine(settings.resolved_database_url)
     init_db(engine)
     say(f"database: {engine.url.render_as_string(hide_password=True)}")
@@ -154,11 +250,17 @@ def _serve_locked(
         shared=settings.ingest_shared,
     )
     ingest.start()
-    app = create_app(engine, ingest, repository)
+    device_broker = DeviceBroker.from_urls(broker_url, settings.device_broker_url)
+    say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"
+        + ("" if device_broker.fixed else " (with the host name they reach the API by)")
+        + "; set EDGEFLEET_DEVICE_BROKER_URL if they reach it elsewhere")
+    app = create_app(engine, ingest, repository, device_broker)
     agent = None
     if local_agent_id is not None:
-        agent = _start_local_agent(settings, broker_url, local_agent_id)
-        say(f"agent: {local_agent_id} (log {settings.data_dir / 'agents'}/{local_agent_id}.log)")
+        agent = _LocalAgent(settings, local_agent_id,
+                            None if local_broker is not None else broker_url, say)
+        agent.start()
+        say(f"agent: {local_agent_id} starts once the API answers (log {agent.log_path})")
     api = f"http://{settings.host}:{settings.port}"
     say(f"API: {api}/api/v1/devices  (health: {api}/healthz)")
     say(
@@ -172,8 +274,7 @@ def _serve_locked(
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     finally:
         if agent is not None:
-            agent.terminate()
-            agent.wait(10)
+            agent.stop()
         ingest.stop()
         for chore in chores:
             chore.stop()

@@ -8,7 +8,8 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.engine import Engine
 
 from fleet import __version__
-from fleet.api.routes import bundles, devices, repo, system
+from fleet.api.routes import bundles, device_config, devices, repo, system
+from fleet.api.routes.device_config import DeviceBroker
 from fleet.errors import FleetError
 from fleet.ingest import IngestWorker
 from fleet.trust.repository import FleetRepository
@@ -20,6 +21,7 @@ def create_app(
     engine: Engine,
     ingest: IngestWorker | None = None,
     repository: FleetRepository | None = None,
+    device_broker: DeviceBroker | None = None,
 ) -> FastAPI:
     # FastAPIOffline: FastAPI with /docs and /redoc whose scripts and styles come from the
     # package, not a CDN: an operator on an offline network still gets the API explorer.
@@ -27,9 +29,11 @@ def create_app(
     app.state.engine = engine
     app.state.ingest = ingest
     app.state.repository = repository
+    app.state.device_broker = device_broker
     app.include_router(system.router)
     app.include_router(devices.router, prefix="/api/v1")
     app.include_router(bundles.router, prefix="/api/v1")
+    app.include_router(device_config.router, prefix="/api/v1")
     app.include_router(repo.router)
     app.add_exception_handler(FleetError, _fleet_error)
     return app
