@@ -43,6 +43,10 @@ __all__ = [
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_KEYS",
+    "MAX_METADATA_KEY_CHARS",
+    "MAX_METADATA_VALUE_CHARS",
+    "MAX_SAMPLES_BYTES",
     "SAMPLE_EXPECTED_PREFIX",
     "SAMPLE_INPUT_PREFIX",
     "SCHEMA_VERSION",
@@ -61,6 +65,7 @@ __all__ = [
     "HealthCheckSpec",
     "HeartbeatTelemetry",
     "MessageRejected",
+    "ModelMetadata",
     "PlatformInfo",
     "ReportedState",
     "SignatureEntry",
@@ -75,6 +80,7 @@ __all__ = [
     "encode",
     "fit_detail",
     "is_valid_device_id",
+    "manifest_bytes",
     "parse_topic",
     "signed_bytes",
     "to_data",
@@ -359,6 +365,27 @@ SAMPLE_EXPECTED_PREFIX = "expected:"
 MAX_BUNDLE_FILES = 16
 MAX_TENSORS = 64
 MAX_FEATURES = 4096
+# What a device will inflate ``samples.npz`` to (the members' declared sizes, checked before
+# anything is read): the build refuses samples over it rather than ship a bundle that fails.
+MAX_SAMPLES_BYTES = 64 * 1024 * 1024
+# The model file's own key/value metadata (ONNX ``metadata_props``: an OCR recogniser's
+# character dictionary, a VAD's sample rates), served by ``GET /v1/model``. Bounded like any
+# bundle text; the manifest as a whole stays under MAX_MANIFEST_BYTES.
+MAX_METADATA_KEYS = 64
+MAX_METADATA_KEY_CHARS = 128
+MAX_METADATA_VALUE_CHARS = 256 * 1024
+MetadataKey = Annotated[
+    str, Meta(min_length=1, max_length=MAX_METADATA_KEY_CHARS, pattern=TEXT_PATTERN)
+]
+# Values may be multi-line (a dictionary, one entry per line): tab, LF and CR are allowed.
+MetadataValue = Annotated[
+    str,
+    Meta(
+        max_length=MAX_METADATA_VALUE_CHARS,
+        pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]*\Z",
+    ),
+]
+ModelMetadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=MAX_METADATA_KEYS)]
 # A bundle member is a plain file name: no directories, no '..', nothing absolute.
 MemberName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")]
 
@@ -414,6 +441,9 @@ class BundleManifest(_Strict, kw_only=True):
     health_check: HealthCheckSpec | None = None
     baseline_file: MemberName | None = None
     created: Timestamp
+    # Last, and left out of the file when empty (manifest_bytes): an agent from before
+    # this field refuses unknown fields, and still reads bundles whose model has none.
+    metadata: ModelMetadata = {}
 
     @property
     def ref(self) -> BundleRef:
@@ -423,6 +453,15 @@ class BundleManifest(_Strict, kw_only=True):
     def target_name(self) -> str:
         """The bundle's file name in the repository (a TUF target path)."""
         return f"{self.name}-{self.version}.bundle"
+
+
+def manifest_bytes(manifest: BundleManifest) -> bytes:
+    """``manifest.json`` as a bundle carries it: indented JSON, ``metadata`` only when the
+    model has some (agents that predate the field refuse it, even empty)."""
+    data = msgspec.to_builtins(manifest)
+    if not data.get("metadata"):
+        data.pop("metadata", None)
+    return msgspec.json.format(_ENCODER.encode(data), indent=2)
 
 
 # ---------------------------------------------------------------------------------------

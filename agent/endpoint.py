@@ -5,8 +5,14 @@ Routes:
 * ``POST /v1/infer``: ``application/json`` body ``{"inputs": [...]}`` or
   ``{"inputs": {"name": [...]}}``; or ``application/x-npy`` (one array, single-input models)
   / ``application/x-npz`` (arrays by input name). The answer is JSON
-  ``{"model": {"name", "version"}, "outputs": {...}}``, or ``.npy`` bytes of the single
-  output when the request says ``Accept: application/x-npy`` (headers carry the model).
+  ``{"model": {"name", "version"}, "outputs": {...}}`` by default. ``Accept:
+  application/x-npy`` gets the ``.npy`` bytes of the single output, and, for a model with
+  several outputs, an ``.npz`` of them by output name (``application/x-npz``, which
+  ``np.load`` reads as well: one ``.npy`` cannot hold several arrays, and a client asking
+  for binary wants the exact values JSON cannot carry). ``Accept: application/x-npz``
+  always gets an ``.npz``. Binary answers carry the model in ``X-Model-Name`` /
+  ``X-Model-Version`` headers. An ``Accept`` none of JSON, ``.npy`` or ``.npz`` satisfies
+  (``*/*`` and ``application/*`` do) is refused 406 before the model runs.
   JSON has no NaN or infinity: in JSON answers they are ``null`` (ask for ``.npy`` to get
   them exactly); in JSON requests the ``NaN``/``Infinity`` words Python writes are read.
 * ``GET /v1/model``: active name, version, runtime, slot and schemas.
@@ -14,9 +20,11 @@ Routes:
 
 Errors are JSON ``{"error": "..."}``: 400 (malformed request or body), 404, 405 (with
 ``Allow``), 408 (too slow), 411/413 (length), 415 (content type), 422 (the input does not
-fit the model), 431 (headers too large), 503 (no model yet, or too many connections), 500
-(the runtime failed). Never a stack trace to the client, never a connection closed without
-an answer; the agent keeps serving. Every 4xx is counted once as a client error
+fit the model, or the runtime refused a value the schema allows: ``{"error", "input"}``,
+the input named when known), 406 (``Accept``), 431 (headers too large), 503 (no model yet,
+or too many connections), 500 (the runtime failed on an input it had no reason to refuse).
+Never a stack trace to the client, never a connection closed without an answer; the agent
+keeps serving. Every 4xx is counted once as a client error
 (``InferenceStats.record_client_error``), never as a model error: rollouts halt on the
 model error rate, and a buggy application must not make a good model look bad. The
 requests :class:`ModelHost` refuses as not fitting the model it counts itself; the
@@ -54,8 +62,8 @@ from typing import Any
 
 import msgspec
 
-from agent.npy import NpyError, NpyTooLargeError, dump_npy, load_array_body
-from agent.runtime import EngineError, InputError
+from agent.npy import NpyError, NpyTooLargeError, dump_npy, dump_npz, load_array_body
+from agent.runtime import EngineError, InputError, RejectedInputError
 from agent.serve_http import HttpLimits, HttpServer, Request, Response
 from agent.serving import ModelHost, NoModelError
 
@@ -74,6 +82,8 @@ NPZ = "application/x-npz"
 JSON = "application/json"
 _NPY = NPY.encode()
 _OK = HTTPStatus.OK.value
+# What an answer may be, by Accept header (see _answer_format)
+_AS_JSON, _AS_NPY, _AS_NPZ = "json", "npy", "npz"
 TOO_LARGE_ADVICE = ("raise it with --max-request-mb, or send large batches as .npy "
                     f"({NPY}): a third of the size of the same numbers in JSON")
 
@@ -147,6 +157,13 @@ class _Routes:
         return _json(HTTPStatus.OK, described)
 
     def _infer(self, request: Request) -> Response:
+        accept = request.headers.get(b"accept")
+        answer_as = _AS_NPY if accept == _NPY else _answer_format(accept)
+        if answer_as is None:
+            return self._refuse(
+                HTTPStatus.NOT_ACCEPTABLE,
+                f"Accept {accept.decode('latin-1')!r}: answers are {JSON}, {NPY} or {NPZ}",
+            )
         try:
             inputs = self._parse_inputs(request)
         except _RequestError as exc:
@@ -154,6 +171,9 @@ class _Routes:
         started = time.perf_counter()
         try:
             outputs, model = self.host.infer(inputs)
+        except RejectedInputError as exc:  # counted by ModelHost
+            log.info("the model refused a request's input: %s", exc)
+            return _json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc), "input": exc.input})
         except InputError as exc:  # counted by ModelHost
             return _json(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(exc)})
         except NoModelError as exc:
@@ -163,9 +183,11 @@ class _Routes:
             return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the model failed: {exc}"})
         self.recent_infer_s = 0.8 * self.recent_infer_s + 0.2 * (time.perf_counter() - started)
         name, version = model.manifest.name, model.manifest.version
-        if request.headers.get(b"accept") == _NPY and len(outputs) == 1:
-            return Response(_OK, dump_npy(next(iter(outputs.values()))), NPY,
-                            (("X-Model-Name", name), ("X-Model-Version", str(version))))
+        if answer_as is not _AS_JSON:
+            headers = (("X-Model-Name", name), ("X-Model-Version", str(version)))
+            if answer_as is _AS_NPY and len(outputs) == 1:
+                return Response(_OK, dump_npy(next(iter(outputs.values()))), NPY, headers)
+            return Response(_OK, dump_npz(outputs), NPZ, headers)
         return Response(_OK, _json_encoder.encode({
             "model": {"name": name, "version": version},
             "outputs": {key: value.tolist() for key, value in outputs.items()},
@@ -202,6 +224,34 @@ class _Routes:
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type {content_type!r}: use {JSON}, {NPY} or {NPZ}",
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _answer_format(accept: bytes | None) -> str | None:
+    """How to answer a request with this ``Accept`` header: JSON, ``.npy`` or ``.npz``, or
+    None when it accepts none of them (406). The media ranges are read with their ``q``
+    weights: the highest weighted of ours wins, JSON on a tie (it is what a client that
+    did not ask for binary expects); ``*/*`` and ``application/*`` accept JSON, ``q=0``
+    refuses. No header, or an empty one: JSON. Cached: a client sends the same header."""
+    if not accept or not accept.strip():
+        return _AS_JSON
+    weights = {_AS_JSON: -1.0, _AS_NPY: -1.0, _AS_NPZ: -1.0}
+    by_type = {JSON: (_AS_JSON,), NPY: (_AS_NPY,), NPZ: (_AS_NPZ,),
+               "application/*": (_AS_JSON,), "*/*": (_AS_JSON,)}
+    for part in accept.decode("latin-1").split(","):
+        media, *params = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        for answer in by_type.get(media.lower(), ()):
+            weights[answer] = max(weights[answer], quality)
+    best = max(weights, key=lambda answer: (weights[answer], answer == _AS_JSON))
+    return best if weights[best] > 0 else None
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,11 +5,15 @@ The check is also the model's warm-up (a bundle without samples gets a plain
 that pays for the runtime's lazy initialisation.
 
 Samples live in the bundle as ``samples.npz`` with keys ``input:<name>`` and
-``expected:<name>``. A model that fails to load, raises, or differs beyond the manifest's
-tolerance is refused before it ever serves a request.
+``expected:<name>``, deflated (bundles built before were stored; both are read). A model
+that fails to load, raises, or differs beyond the manifest's tolerance is refused before it
+ever serves a request.
 
-The samples are the bundle's bytes, hence untrusted input: whatever numpy or zipfile raise
-on them (a corrupt zip, a bad CRC, an array header out of bounds, values that cannot be
+The samples are the bundle's bytes, hence untrusted input. They are read by the endpoint's
+bounded reader (:func:`agent.npy.load_npz`): stored or deflated members only, no more than
+:data:`~agent.contract.MAX_SAMPLES_BYTES` declared in all and never inflated past what a
+member declares, and no array allocated beyond what its member holds. Whatever is wrong
+with them (a corrupt zip, a bad CRC, an array header out of bounds, values that cannot be
 compared) is translated here into :class:`HealthCheckError`, which is final: the same
 bytes fail the same way on every try.
 """
@@ -17,16 +21,27 @@ bytes fail the same way on every try.
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from agent.contract import SAMPLE_EXPECTED_PREFIX, SAMPLE_INPUT_PREFIX, BundleManifest
+from agent.contract import (
+    MAX_SAMPLES_BYTES,
+    SAMPLE_EXPECTED_PREFIX,
+    SAMPLE_INPUT_PREFIX,
+    BundleManifest,
+)
 from agent.errors import HealthCheckError
+from agent.npy import load_npz
 from agent.runtime import Engine, EngineError, load_engine
 
-__all__ = ["EXPECTED_PREFIX", "INPUT_PREFIX", "load_samples", "open_checked_engine"]
+__all__ = [
+    "EXPECTED_PREFIX",
+    "INPUT_PREFIX",
+    "MAX_SAMPLES_BYTES",
+    "load_samples",
+    "open_checked_engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +49,14 @@ INPUT_PREFIX = SAMPLE_INPUT_PREFIX
 EXPECTED_PREFIX = SAMPLE_EXPECTED_PREFIX
 
 
-# Bounds the memory a samples file can make the device allocate (the zip's stated sizes
-# are checked before numpy reads a member; numpy allocates from the array header).
-MAX_SAMPLES_BYTES = 64 * 1024 * 1024
-
-
 def load_samples(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    with zipfile.ZipFile(path) as archive:
-        stated = sum(info.file_size for info in archive.infolist())
-    if stated > MAX_SAMPLES_BYTES:
-        raise ValueError(f"unpacks to {stated} bytes, over {MAX_SAMPLES_BYTES}")
-    with np.load(path, allow_pickle=False) as data:
-        inputs = {k[len(INPUT_PREFIX) :]: data[k] for k in data.files if k.startswith(INPUT_PREFIX)}
-        expected = {
-            k[len(EXPECTED_PREFIX) :]: data[k] for k in data.files if k.startswith(EXPECTED_PREFIX)
-        }
+    """Inputs and expected outputs by tensor name. The file's size was checked against the
+    manifest (itself bounded) before this runs; what it inflates to is bounded here."""
+    data = load_npz(path.read_bytes(), MAX_SAMPLES_BYTES)
+    inputs = {k[len(INPUT_PREFIX) :]: v for k, v in data.items() if k.startswith(INPUT_PREFIX)}
+    expected = {
+        k[len(EXPECTED_PREFIX) :]: v for k, v in data.items() if k.startswith(EXPECTED_PREFIX)
+    }
     return inputs, expected
 
 

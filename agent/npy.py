@@ -25,6 +25,15 @@ only use the two compressions ``np.savez``/``np.savez_compressed`` write (bzip2 
 decompress without a bound per call in ``zipfile``). Every failure is a
 :class:`NpyError` (a ``ValueError``) with a reason; :class:`NpyTooLargeError` when the
 body is well-formed but asks for more than the limit.
+
+``.npz`` is a zip of ``.npy`` members, and ``zipfile`` plus ``np.load`` cost ~0.35 ms for a
+3 KB body of three small arrays: more than the inference of a small model, and more than
+JSON for the same request. :func:`load_npz` therefore reads the zip's central directory
+itself (fixed little-endian records), checks each member's CRC, inflates a deflated member
+with a bound, and reads each member's ``.npy`` with the same view reader as a request body.
+What it does not expect (zip64, encryption, a record out of place) goes to ``zipfile``,
+which reads it or says what is wrong, under the same limits. :func:`dump_npz` writes the
+answer's zip the same way: stored members, one CRC each, no ``zipfile`` objects.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import zipfile
 import zlib
 from typing import NamedTuple
@@ -44,6 +54,7 @@ __all__ = [
     "NpyError",
     "NpyTooLargeError",
     "dump_npy",
+    "dump_npz",
     "load_array_body",
     "load_npy",
     "load_npz",
@@ -129,6 +140,9 @@ def load_npz(body: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` body by name (``x.npy`` is ``x``), decompressing at most
     ``max_bytes`` in all."""
     _check_member_count(body)
+    fast = _read_zip(body, max_bytes)
+    if fast is not None:
+        return fast
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
             members = archive.infolist()
@@ -175,6 +189,131 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> bytes:
     if len(data) != member.file_size:
         raise NpyError(f".npz member {member.filename!r} is not the size it declares")
     return data
+
+
+# Zip records (APPNOTE 4.3.7, 4.3.12, 4.3.16), little-endian, without their signatures.
+_LOCAL = struct.Struct("<4s5H3I2H")  # signature, version, flags, method, time, date, crc,
+#                                      compressed, size, name length, extra length
+_CENTRAL = struct.Struct("<4s6H3I5H2I")  # signature, made by, version, flags, method, time,
+#       date, crc, compressed, size, name, extra, comment lengths, disk, internal attributes,
+#       external attributes, offset of the local header
+_END = struct.Struct("<4s4H2IH")  # signature, disk, cd disk, entries here, entries, cd size,
+#                                   cd offset, comment length
+_LOCAL_SIG, _CENTRAL_SIG = b"PK\x03\x04", b"PK\x01\x02"
+_UTF8_NAMES = 0x800
+_ENCRYPTED = 0x1
+_ZIP64 = 0xFFFFFFFF
+
+
+def _read_zip(body: bytes, max_bytes: int) -> dict[str, np.ndarray] | None:
+    """The members of a plain zip (what ``np.savez``/``np.savez_compressed`` write) read
+    straight from the body; None for anything else, which ``zipfile`` then reads or
+    refuses. Raises :class:`NpyError` for a member that fails its CRC or size, and
+    :class:`NpyTooLargeError` when the members declare more than ``max_bytes``."""
+    end = body.rfind(_ZIP_END, max(0, len(body) - _END.size - 0xFFFF))
+    if end < 0 or len(body) < end + _END.size:
+        return None
+    _, disk, cd_disk, _, entries, cd_size, cd_offset, comment = _END.unpack_from(body, end)
+    if disk or cd_disk or cd_offset + cd_size != end or end + _END.size + comment != len(body):
+        return None  # multi-disk, zip64 or data after the directory
+    members = []
+    position = cd_offset
+    declared = 0
+    for _ in range(entries):
+        if position + _CENTRAL.size > end:
+            return None
+        (sig, _, _, flags, method, _, _, crc, compressed, size, name_len, extra_len,
+         comment_len, _, _, _, offset) = _CENTRAL.unpack_from(body, position)
+        if (sig != _CENTRAL_SIG or flags & _ENCRYPTED or method not in _ZIP_METHODS
+                or _ZIP64 in (compressed, size, offset)):
+            return None
+        name = body[position + _CENTRAL.size : position + _CENTRAL.size + name_len]
+        position += _CENTRAL.size + name_len + extra_len + comment_len
+        members.append((name.decode("utf-8" if flags & _UTF8_NAMES else "cp437"),
+                        method, crc, compressed, size, offset))
+        declared += size
+    if position != end:
+        return None
+    if declared > max_bytes:
+        raise NpyTooLargeError(
+            f".npz members declare {declared} bytes uncompressed, over the {max_bytes}-byte limit"
+        )
+    arrays = {}
+    for name, method, crc, compressed, size, offset in members:
+        if offset + _LOCAL.size > cd_offset:
+            return None
+        sig, *_, local_name, local_extra = _LOCAL.unpack_from(body, offset)
+        start = offset + _LOCAL.size + local_name + local_extra
+        stop = start + compressed
+        if sig != _LOCAL_SIG or stop > cd_offset:
+            return None
+        if method == zipfile.ZIP_STORED:
+            if compressed != size:
+                return None
+            data = memoryview(body)[start:stop]
+        else:
+            try:  # at most what the member declares, whatever the stream would inflate to
+                data = zlib.decompressobj(-15).decompress(body[start:stop], size + 1)
+            except zlib.error as exc:
+                raise NpyError(f".npz member {name!r}: {exc}") from None
+            if len(data) != size:
+                raise NpyError(f".npz member {name!r} is not the size it declares")
+        if zlib.crc32(data) != crc:
+            raise NpyError(f".npz member {name!r} fails its CRC check")
+        array = _view_of(data, body, start) if method == zipfile.ZIP_STORED else _view(data)
+        arrays[name.removesuffix(".npy")] = array if array is not None else load_npy(bytes(data))
+    return arrays
+
+
+def _view_of(data: memoryview, body: bytes, start: int) -> np.ndarray | None:
+    """:func:`_view` of a stored member: a view of the request body itself, no copy."""
+    if data[: len(_MAGIC_1_0)] != _MAGIC_1_0 or len(data) < _PREFIX:
+        return None
+    end = _PREFIX + int.from_bytes(data[len(_MAGIC_1_0) : _PREFIX], "little")
+    header = bytes(data[_PREFIX:end])
+    layout = _read_layouts.get(header)
+    if layout is None:
+        layout = _parse(header)
+        if layout is None:
+            return None
+        _remember(_read_layouts, header, layout)
+    if len(data) - end != layout.nbytes:
+        return None
+    return np.frombuffer(body, dtype=layout.dtype, count=layout.count,
+                         offset=start + end).reshape(layout.shape)
+
+
+def dump_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """An ``.npz`` of ``arrays`` by name (stored, no compression: an answer on the device's
+    own network is not worth the CPU), as ``np.load`` reads it: ``name.npy`` members."""
+    parts: list[bytes] = []
+    directory: list[bytes] = []
+    offset = 0
+    for key, array in arrays.items():
+        name = f"{key}.npy".encode()
+        data = dump_npy(array)
+        if len(data) >= _ZIP64 or offset >= _ZIP64:  # ~4 GiB: let zipfile write zip64
+            return _zipped(arrays)
+        crc = zlib.crc32(data)
+        flags = 0 if name.isascii() else _UTF8_NAMES
+        local = _LOCAL.pack(_LOCAL_SIG, 20, flags, 0, 0, 0x21, crc, len(data), len(data),
+                            len(name), 0)
+        directory.append(_CENTRAL.pack(_CENTRAL_SIG, 20, 20, flags, 0, 0, 0x21, crc,
+                                       len(data), len(data), len(name), 0, 0, 0, 0, 0o644 << 16,
+                                       offset) + name)
+        parts += (local, name, data)
+        offset += len(local) + len(name) + len(data)
+    central = b"".join(directory)
+    end = _END.pack(_ZIP_END, 0, 0, len(directory), len(directory), len(central), offset, 0)
+    return b"".join((*parts, central, end))
+
+
+def _zipped(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, array in arrays.items():
+            archive.writestr(f"{key}.npy", dump_npy(array))
+    return buffer.getvalue()
 
 
 def dump_npy(array: np.ndarray) -> bytes:

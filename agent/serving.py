@@ -117,6 +117,7 @@ class ModelHost:
             "slot": model.slot,
             "inputs": [to_data(spec) for spec in manifest.inputs],
             "outputs": [to_data(spec) for spec in manifest.outputs],
+            "metadata": dict(manifest.metadata),
         }
 
     def close(self) -> None:

@@ -401,27 +401,54 @@ def keys_rotate(
 
 
 @bundle_app.command("build", epilog="Example: edge-fleet bundle build model.onnx --name detector "
-                                     "--version 3 --baseline train.npy --out dist/")
+                                     "--version 3 --baseline train.npy --out dist/\n\n"
+                                     "Example: edge-fleet bundle build vad.onnx --name vad "
+                                     "--version 1 --input-shape input=1,512 "
+                                     "--input-value sr=16000")
 def bundle_build(
     model: Annotated[Path, typer.Argument(help=".onnx or .tflite model file")],
     name: Annotated[str, typer.Option(help="bundle name")],
     version: Annotated[int, typer.Option(help="integer version, higher is newer")],
     baseline: Annotated[Path | None, typer.Option(help="training inputs .npy (rows, features)")]
     = None,
-    samples: Annotated[Path | None, typer.Option(help="health-check inputs .npy/.npz")] = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="health-check inputs .npy/.npz (.npz keyed by input name)")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=D1,D2,...: the shape of an input's health-check sample, for "
+                          "its dynamic dims (repeatable; NAME= for a scalar)"),
+    ] = None,
+    input_value: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=NUMBER: fill an input's health-check sample with this value, "
+                          "e.g. sr=16000 (repeatable)"),
+    ] = None,
+    max_samples_mb: Annotated[
+        float, typer.Option(help="refuse health-check samples larger than this, compressed")
+    ] = 8.0,
     out: Annotated[Path, typer.Option(help="directory to write the bundle into")] = Path("."),
     allow_nan: Annotated[bool, typer.Option(help="let requests carry NaN inputs")] = False,
 ) -> None:
-    """Build a bundle: model + manifest + health-check samples + baseline histograms."""
-    from fleet.bundle_build import BuildError, build_bundle
+    """Build a bundle: model + manifest + health-check samples + baseline histograms.
+
+    Without --samples, the health-check inputs are made from the model's schema: give the
+    sizes and values it cannot say with --input-shape and --input-value; what is guessed is
+    named in a warning."""
+    from fleet.bundle_build import BuildError, build_bundle, parse_hints
 
     try:
+        shapes, values = parse_hints(input_shape or (), input_value or ())
         built = build_bundle(
             model, name=name, version=version, out_dir=out, baseline=baseline, samples=samples,
-            allow_nan=allow_nan,
+            allow_nan=allow_nan, input_shapes=shapes, input_values=values,
+            max_samples_bytes=int(max_samples_mb * 1024 * 1024),
         )
-    except (BuildError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    except (BuildError, ValueError) as exc:  # one line, however long: not wrapped by rich
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for warning in built.warnings:
+        err.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"{built.path}  {built.size} bytes  sha256 {built.sha256}", highlight=False)
 
 

@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.runtime.engine import Engine, EngineError, InputError, TensorSpec, prepare_inputs
+from agent.runtime.engine import (
+    Engine,
+    EngineError,
+    InputError,
+    RejectedInputError,
+    TensorSpec,
+    prepare_inputs,
+)
 from agent.runtime.options import EngineOptions, check_providers
 
 if TYPE_CHECKING:
@@ -25,6 +32,7 @@ __all__ = [
     "EngineOptions",
     "InputError",
     "OnnxEngine",
+    "RejectedInputError",
     "TensorSpec",
     "TfliteEngine",
     "check_providers",

@@ -25,7 +25,7 @@ import contextlib
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from math import isnan
 from types import TracebackType
@@ -39,6 +39,7 @@ __all__ = [
     "EngineError",
     "InputData",
     "InputError",
+    "RejectedInputError",
     "TensorSpec",
     "prepare_inputs",
     "translate_errors",
@@ -68,6 +69,24 @@ class InputError(EngineError, ValueError):
     """The caller's data does not fit the model's inputs (names, dtype or shape)."""
 
 
+class RejectedInputError(InputError):
+    """The data fits the schema, but the runtime refused to compute on it: the model only
+    takes some of the values the schema allows (an OCR detector whose height and width
+    must be multiples of 32, a VAD whose sample rate must be 8000 or 16000).
+
+    Each backend decides what counts (see ``OnnxEngine`` and ``TfliteEngine``); the rule
+    both share is that the same engine has already answered another input, so the model
+    itself runs. ``reason`` is the runtime's own words without its source paths;
+    ``input`` names the input when the runtime's message does, else ``None``.
+    """
+
+    def __init__(self, reason: str, input_name: str | None = None) -> None:
+        where = f"input {input_name!r}: " if input_name else ""
+        super().__init__(f"{where}the model refused this input: {reason}")
+        self.reason = reason
+        self.input = input_name
+
+
 class ExactFit(NamedTuple):
     """What an array that needs no conversion looks like, precomputed per spec."""
 
@@ -86,6 +105,9 @@ class TensorSpec:
     dtype: str
     shape: tuple[int | None, ...]
     allow_nan: bool = True  # a bundle's schema may forbid NaN (see Engine.refuse_nan)
+    # The model's names for its dynamic dims where it has them (ONNX ``dim_param``: dims
+    # named alike are the same size), else empty; only used to make build-time samples.
+    dim_names: tuple[str | None, ...] = field(default=(), compare=False)
 
     @property
     def has_batch_dim(self) -> bool:
@@ -154,6 +176,9 @@ class Engine(ABC):
         self._outputs = tuple(outputs)
         self._state = _State.OPENED
         self._fast = _fast_path(self._inputs)
+        # Set by a backend's _run once a run succeeded: from then on the model is known to
+        # work, and a failure on another input may be the input's (RejectedInputError).
+        self._answered = False
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -166,6 +191,12 @@ class Engine(ABC):
     @property
     def closed(self) -> bool:
         return self._state is _State.CLOSED
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model file's own key/value metadata (ONNX ``metadata_props``); empty when
+        the format or backend has none."""
+        return {}
 
     def refuse_nan(self, names: Sequence[str]) -> None:
         """From now on, requests with NaN in these float inputs are an InputError (a model fed

@@ -9,7 +9,8 @@ Invariants:
   symbolic or unknown dims to ``None``; a model whose inputs or outputs are not plain tensors
   (sequences, maps, strings) is refused at load rather than failing on the first request;
 * every onnxruntime exception, at load or at run, is re-raised as ``EngineError`` from the
-  original by :func:`_translate_errors`, the single boundary with the backend;
+  original by :func:`_translate_errors`, the single boundary with the backend; at run, the
+  ones that are the input's fault become ``RejectedInputError`` (:func:`_refused_input`);
 * providers are checked against the installed build up front, because ORT would otherwise
   only warn and silently fall back to CPU.
 """
@@ -17,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,13 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from agent.runtime.engine import Engine, EngineError, TensorSpec, translate_errors
+from agent.runtime.engine import (
+    Engine,
+    EngineError,
+    RejectedInputError,
+    TensorSpec,
+    translate_errors,
+)
 from agent.runtime.options import check_providers
 
 __all__ = ["DEFAULT_PROVIDERS", "OnnxEngine"]
@@ -58,6 +66,78 @@ _ORT_ERRORS: tuple[type[Exception], ...] = (
     RuntimeError,
     ValueError,
 )
+
+
+# "... while running Gather node. Name:'check' Status Message: <what the kernel said>"
+_KERNEL_FAILURE = re.compile(
+    r"while running (?P<op>\S+) node\. Name:'(?P<node>[^']*)' Status Message: (?P<said>.*)",
+    re.DOTALL,
+)
+# ORT_ENFORCE's prefix: "/onnxruntime_src/.../file.h:563 void f(...) cond was false. "
+_ENFORCE_PREFIX = re.compile(r"^\S+:\d+ .*? was false\. ", re.DOTALL)
+
+
+def _refused_input(
+    exc: Exception, answered: bool, input_names: Sequence[str]
+) -> RejectedInputError | None:
+    """The caller's input, not the model, when ONNX Runtime failed this way; else None.
+
+    A schema can only say dtype, rank and fixed dims. A model may take fewer values than
+    that: Silero VAD computes only at 8000 or 16000 Hz, PP-OCR's detector only at heights
+    and widths that are multiples of 32, inputs sharing a symbolic batch dim must agree.
+    ORT then fails inside a kernel, and the question is whose fault it is: a 422 for the
+    caller (counted as a client error) or a 500 for the model (counted as a model error,
+    which halts rollouts). The rule:
+
+    * ORT's own check of a feed against the graph's declared inputs (``INVALID_ARGUMENT``
+      not raised by a kernel) is always about the input.
+    * A kernel's refusal (``INVALID_ARGUMENT``: bad indices, values; ``FAIL``: its shape
+      checks, ``ORT_ENFORCE``: broadcasting, reshape sizes) is the input's only once this
+      engine has answered another input. The model then loads, binds and runs the same
+      graph with the same kernels: what changed is the data. Before any answer (a bundle
+      without health-check samples) nothing shows the model works, so it is the model's.
+    * Everything else is the model's or the device's: a failed memory allocation, an
+      execution provider's failure, ``RUNTIME_EXCEPTION``, ``NOT_IMPLEMENTED``, ...
+
+    The cost of the rule: a model that fails on inputs its schema allows (a batch of 2
+    through a graph with batch 1 baked into a Reshape) is reported by its callers' 422s and
+    the ``client_error_count`` of heartbeats, not by the model error rate.
+    """
+    message = str(exc)
+    kernel = _KERNEL_FAILURE.search(message)
+    if isinstance(exc, _ort_state.InvalidArgument) and kernel is None:
+        reason = message.partition("INVALID_ARGUMENT : ")[2] or message
+    elif (
+        kernel is not None
+        and answered
+        and isinstance(exc, _ort_state.InvalidArgument | _ort_state.Fail)
+        and "allocate" not in message.lower()
+    ):
+        reason = _said(exc)
+    else:
+        return None
+    return RejectedInputError(" ".join(reason.split()), _named_input(message, input_names))
+
+
+def _said(exc: Exception) -> str:
+    """ORT's message on one line: a kernel's failure as "Op node 'name': what it said",
+    without ORT's status prefix and source paths; anything else as it is."""
+    message = str(exc)
+    kernel = _KERNEL_FAILURE.search(message)
+    if kernel is None:
+        return " ".join(message.split())
+    said = _ENFORCE_PREFIX.sub("", kernel["said"].strip())
+    node = f" {kernel['node']!r}" if kernel["node"] else ""
+    return " ".join(f"{kernel['op']} node{node}: {said}".split())
+
+
+def _named_input(message: str, input_names: Sequence[str]) -> str | None:
+    """The one input the runtime's message names ("input: state", "input 'sr'"), if any."""
+    named = [
+        name for name in input_names
+        if re.search(rf"(?:\binput:? *'?|')({re.escape(name)})(?:'|\b)", message)
+    ]
+    return named[0] if len(named) == 1 else None
 
 
 _Runner = Callable[[list[str], dict[str, np.ndarray], Any], list[np.ndarray]]
@@ -102,7 +182,9 @@ class OnnxEngine(Engine):
             raise EngineError(f"cannot load ONNX model {self.path}: no such file")
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only; failures reach the caller as EngineError
+        # Fatal only: every failure reaches the caller as EngineError, and a client sending
+        # inputs the model refuses must not write a runtime error line per request.
+        options.log_severity_level = 4
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads is not None:
@@ -117,6 +199,14 @@ class OnnxEngine(Engine):
             [_spec(arg) for arg in session.get_outputs()],
         )
         self._output_names = [spec.name for spec in self._outputs]
+        self._input_names = tuple(spec.name for spec in self._inputs)
+        self._metadata = dict(session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's ``metadata_props`` (ORT's ``custom_metadata_map``), e.g. an OCR
+        recogniser's character dictionary."""
+        return dict(self._metadata)
 
     @property
     def providers(self) -> list[str]:
@@ -131,7 +221,11 @@ class OnnxEngine(Engine):
         try:  # not _translate_errors: a context manager costs a microsecond on the hot path
             values = runner(names, feeds, None)
         except _ORT_ERRORS as exc:
-            raise EngineError(f"inference failed for {self.path.name}: {exc}") from exc
+            refused = _refused_input(exc, self._answered, self._input_names)
+            if refused is not None:
+                raise refused from exc
+            raise EngineError(f"inference failed for {self.path.name}: {_said(exc)}") from exc
+        self._answered = True
         if len(values) == 1:  # a dict display, not dict(zip()): see Engine.infer on cold code
             return {names[0]: values[0]}
         return dict(zip(names, values, strict=True))
@@ -152,5 +246,7 @@ def _spec(arg: Any) -> TensorSpec:
     dtype = _ORT_DTYPES.get(arg.type)
     if dtype is None:
         raise EngineError(f"{arg.name!r} has type {arg.type}, which OnnxEngine does not support")
-    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in (arg.shape or ()))
-    return TensorSpec(name=arg.name, dtype=dtype, shape=shape)
+    dims = arg.shape or ()
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in dims)
+    names = tuple(dim if isinstance(dim, str) and dim else None for dim in dims)
+    return TensorSpec(name=arg.name, dtype=dtype, shape=shape, dim_names=names)

@@ -17,7 +17,11 @@ Invariants:
 * one inference runs at a time per engine (see :class:`TfliteEngine`);
 * every runtime exception (``ValueError``/``RuntimeError``), at load or at run, is re-raised as
   ``EngineError`` from the original by :func:`_translate_errors`, the single boundary with the
-  backend. Outputs are detached copies, never views into interpreter memory.
+  backend; a failure to prepare the model for a new input shape, once the engine has answered
+  another input, is the input's (``RejectedInputError``, see :meth:`TfliteEngine._fit`).
+  Outputs are detached copies, never views into interpreter memory;
+* a model that needs a custom operator the runtime lacks is refused at load in one line
+  naming the operator.
 
 Quantized tensors are exchanged raw: a uint8/int8 input takes the integers the model sees, and
 (de)quantizing with the tensor's scale and zero point is the caller's job.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.engine import Engine, EngineError, TensorSpec, translate_errors
+from agent.runtime.engine import (
+    Engine,
+    EngineError,
+    RejectedInputError,
+    TensorSpec,
+    translate_errors,
+)
 from agent.runtime.native_log import native_stderr_to_log
 
 __all__ = ["TfliteEngine"]
@@ -65,8 +76,17 @@ _SUPPORTED_DTYPES = frozenset(
 _RUNTIME_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError)
 
 
+_CUSTOM_OP = re.compile(r"unresolved custom op: (\S+?)\.?\s")
+_SOURCE_PREFIX = re.compile(r"\S+\.(?:cc|h):\d+ ")
+
+
 def _translate_errors(action: str):
     return translate_errors(_RUNTIME_ERRORS, action)
+
+
+def _one_line(message: str) -> str:
+    """The interpreter's multi-line report, on one line and without source paths."""
+    return " ".join(_SOURCE_PREFIX.sub("", message).split())
 
 
 def _interpreter_class() -> type[Any]:
@@ -109,11 +129,23 @@ class TfliteEngine(Engine):
         if not self.path.is_file():
             raise EngineError(f"cannot load TFLite model {self.path}: no such file")
         interpreter_class = _interpreter_class()
-        with _translate_errors(f"cannot load TFLite model {self.path}"), native_stderr_to_log(log):
-            interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads)
-            interpreter.allocate_tensors()
-            input_details = interpreter.get_input_details()
-            output_details = interpreter.get_output_details()
+        try:
+            with native_stderr_to_log(log):
+                interpreter = interpreter_class(model_path=str(self.path), num_threads=num_threads)
+                interpreter.allocate_tensors()
+                input_details = interpreter.get_input_details()
+                output_details = interpreter.get_output_details()
+        except _RUNTIME_ERRORS as exc:
+            custom = _CUSTOM_OP.search(str(exc) + " ")
+            if custom is not None:
+                raise EngineError(
+                    f"cannot load TFLite model {self.path.name}: it needs the custom operator "
+                    f"{custom.group(1)!r}, which this TFLite runtime does not provide (use a "
+                    "runtime built with that operator, or convert the model without it)"
+                ) from exc
+            raise EngineError(
+                f"cannot load TFLite model {self.path}: {_one_line(str(exc))}"
+            ) from exc
 
         # Which package runs the model: "ai_edge_litert" or "tflite_runtime".
         self.runtime: str = interpreter_class.__module__.partition(".")[0]
@@ -163,19 +195,37 @@ class TfliteEngine(Engine):
                     value = interpreter.get_tensor(index)
                     # get_tensor copies; copy again only if a runtime ever hands out a view
                     outputs[name] = value if value.flags.owndata else value.copy()
+                self._answered = True
                 return outputs
+            except RejectedInputError:  # from _fit; a ValueError, so said before the next
+                raise
             except _RUNTIME_ERRORS as exc:
                 raise EngineError(f"inference failed for {self.path.name}: {exc}") from exc
 
     def _fit(self, interpreter: Any, shapes: tuple[tuple[int, ...], ...]) -> None:
-        """Resize the inputs whose shape differs from the feed's, then re-allocate once."""
+        """Resize the inputs whose shape differs from the feed's, then re-allocate once.
+
+        TFLite kernels check their shapes when tensors are allocated (each op's Prepare),
+        not when they run. So once this engine has answered another input, a failure here
+        is the new shape's: the model cannot compute at that size (a reshape whose element
+        counts no longer agree), and the request is refused as the caller's
+        (``RejectedInputError``). Before any answer it is the model's."""
         allocated = self._allocated
         self._allocated = None  # until the allocation below has succeeded
-        for position, (_, index) in enumerate(self._input_slots):
-            if allocated is None or allocated[position] != shapes[position]:
-                # strict: only dims declared -1 may change (prepare_inputs already checked)
-                interpreter.resize_tensor_input(index, list(shapes[position]), strict=True)
-        interpreter.allocate_tensors()
+        changed = []
+        try:
+            for position, (name, index) in enumerate(self._input_slots):
+                if allocated is None or allocated[position] != shapes[position]:
+                    changed.append(name)
+                    # strict: only dims declared -1 may change (prepare_inputs already checked)
+                    interpreter.resize_tensor_input(index, list(shapes[position]), strict=True)
+            interpreter.allocate_tensors()
+        except _RUNTIME_ERRORS as exc:
+            if not self._answered:
+                raise
+            raise RejectedInputError(
+                _one_line(str(exc)), changed[0] if len(changed) == 1 else None
+            ) from exc
         self._allocated = shapes
 
     def _close(self) -> None:
