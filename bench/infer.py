@@ -17,6 +17,11 @@ For batch 1 and 256, p50/p99 latency and throughput of
       doing the same in an ``async def`` route (``endpoint_vs_fastapi``),
 and the ratios (b)/(a) and (c)/(a) of p50 latency. Client and servers run on the same CPUs
 (``--cpus``, one by default, as on a small device), so no server gets a core to itself.
+Then a model with several inputs and outputs (Silero-VAD-like: 512 audio samples, a
+2x1x128 state and an int64 ``sr``; two outputs) through the endpoint: a JSON request and
+answer, an ``.npz`` request (``np.savez``, 3.3 KB) with a JSON answer, and ``.npz`` both
+ways (``vad_npz_vs_json``: the binary path should be the fast one), and in-process the
+endpoint's ``.npz`` reader against ``np.load`` on the same body (``npz_read_vs_np_load``).
 Then the idle RSS of a real ``edge-agent run`` process with one model loaded, and beside it
 the floor: a Python process holding only an onnxruntime session on the same model. Last
 line: one JSON object.
@@ -87,6 +92,82 @@ def build_bundle(work: Path) -> Path:
     model = work / "mlp.onnx"
     build_mlp_onnx(model, features=FEATURES, hidden=HIDDEN, outputs=OUTPUTS, seed=0)
     return build(model, name="bench", version=1, out_dir=work).path
+
+
+def build_vad_bundle(work: Path) -> Path:
+    from fleet.bundle_build import build_bundle as build
+    from tests.fixtures.models import build_vad_onnx
+
+    model = work / "vad.onnx"
+    build_vad_onnx(model)
+    return build(model, name="vad", version=1, out_dir=work,
+                 input_shapes={"input": (1, 512)}, input_values={"sr": 16000}).path
+
+
+def multi_input_figures(work: Path, seconds: float) -> dict[str, float]:
+    """A three-input, two-output model through the endpoint: JSON vs ``.npz`` bodies."""
+    from agent.bundle import extract_bundle
+    from agent.endpoint import InferenceEndpoint
+    from agent.health import open_checked_engine
+    from agent.installer import LoadedModel
+    from agent.npy import load_npz
+    from agent.serving import ModelHost
+
+    slot = work / "vad-slot"
+    manifest = extract_bundle(build_vad_bundle(work), slot, 1 << 30)
+    host = ModelHost()
+    host.swap(LoadedModel("a", manifest, open_checked_engine(slot, manifest,
+                                                             intra_op_threads=1)))
+    endpoint = InferenceEndpoint(host, address=("127.0.0.1", 0)).start()
+    rng = np.random.default_rng(1)
+    feeds = {"input": rng.normal(size=(1, 512)).astype(np.float32),
+             "state": rng.normal(size=(2, 1, 128)).astype(np.float32),
+             "sr": np.array(16000, np.int64)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **feeds)
+    npz_body = buffer.getvalue()
+    json_body = json.dumps({"inputs": {"input": feeds["input"].tolist(),
+                                       "state": feeds["state"].tolist(), "sr": 16000}}).encode()
+    variants = {
+        "json": (json_body, {"Content-Type": "application/json"}),
+        "npz_in": (npz_body, {"Content-Type": "application/x-npz"}),
+        "npz": (npz_body, {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}),
+    }
+    try:  # one client process rotating through the three, so noise hits them alike
+        with tempfile.TemporaryDirectory(prefix="edgefleet-bench-vad-") as bodies:
+            requests = {}
+            for name, (body, headers) in variants.items():
+                (Path(bodies) / name).write_bytes(body)
+                requests[name] = (str(Path(bodies) / name), headers)
+            spec = {"urls": dict.fromkeys(variants, endpoint.where), "body": requests["json"][0],
+                    "headers": {}, "requests": requests, "seconds": seconds}
+            done = subprocess.run(
+                [sys.executable, __file__, "--http-client", json.dumps(spec)],
+                capture_output=True, text=True, timeout=60 + 10 * seconds * len(variants),
+            )
+        if done.returncode:
+            raise RuntimeError(f"the HTTP client failed:\n{done.stderr}")
+        results: dict[str, dict[str, float]] = json.loads(done.stdout.splitlines()[-1])
+    finally:
+        endpoint.stop()
+        host.close()
+    reads = measure({
+        "load_npz": lambda: load_npz(npz_body, 1 << 24),
+        "np_load": lambda: dict(np.load(io.BytesIO(npz_body), allow_pickle=False)),
+    }, seconds)
+    for name, result in {**results, **reads}.items():
+        print(f"vad {name:9s} p50 {result['p50_ms']:8.3f} ms  p99 {result['p99_ms']:8.3f} ms")
+    print(f"vad .npz body: {len(npz_body)} bytes, JSON body: {len(json_body)} bytes")
+    return {
+        "vad_json_p50_ms": round(results["json"]["p50_ms"], 3),
+        "vad_npz_in_p50_ms": round(results["npz_in"]["p50_ms"], 3),
+        "vad_npz_p50_ms": round(results["npz"]["p50_ms"], 3),
+        "vad_npz_vs_json": round(results["npz"]["p50_ms"] / results["json"]["p50_ms"], 3),
+        "npz_read_ms": round(reads["load_npz"]["p50_ms"], 4),
+        "np_load_npz_ms": round(reads["np_load"]["p50_ms"], 4),
+        "npz_read_vs_np_load": round(reads["load_npz"]["p50_ms"] / reads["np_load"]["p50_ms"],
+                                     3),
+    }
 
 
 def install(bundle: Path, state_dir: Path):
@@ -364,9 +445,12 @@ class RawClient:
 
 
 def run_http_client(spec: dict) -> None:
-    """The other process of :func:`http_latencies`: prints the results as one JSON line."""
+    """The other process of :func:`http_latencies`: prints the results as one JSON line.
+    ``spec["requests"]``, when given, holds a body file and headers per URL name."""
     body = Path(spec["body"]).read_bytes()
-    clients = {name: RawClient(url, body, spec["headers"])
+    requests = {name: (Path(file).read_bytes(), headers)
+                for name, (file, headers) in spec.get("requests", {}).items()}
+    clients = {name: RawClient(url, *requests.get(name, (body, spec["headers"])))
                for name, url in spec["urls"].items()}
     calls = {name: client.post for name, client in clients.items()}
     print(json.dumps(measure(calls, spec["seconds"])))
@@ -527,6 +611,7 @@ def main() -> None:
             unix_endpoint.stop()
             host.close()
             engine_nan_ok.close()
+        figures.update(multi_input_figures(work, args.seconds))
         figures["idle_rss_mb"] = round(rss_of_idle_agent(work / "state"), 1)
         figures["bare_session_rss_mb"] = round(rss_of_bare_session(slot / manifest.model_file), 1)
         print(f"idle agent with one model loaded: {figures['idle_rss_mb']} MB RSS "

@@ -34,7 +34,8 @@ def test_infer_benchmark_prints_its_figures_as_json():
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"engine_vs_bare_b256", "endpoint_vs_bare_b1", "idle_rss_mb",
-            "endpoint_vs_asyncio_floor_b1", "endpoint_vs_fastapi_b1"} <= set(figures)
+            "endpoint_vs_asyncio_floor_b1", "endpoint_vs_fastapi_b1", "vad_npz_vs_json",
+            "npz_read_vs_np_load"} <= set(figures)
     assert figures["idle_rss_mb"] > 0
     assert figures["endpoint_vs_asyncio_floor_b1"] > 0 and figures["endpoint_vs_fastapi_b1"] > 0
 
