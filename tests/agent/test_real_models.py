@@ -254,3 +254,57 @@ def test_npz_answers_are_zip_files_numpy_and_zipfile_read():
         for name, array in arrays.items():
             np.testing.assert_array_equal(read[name], array)
     assert sorted(load_npz(body, 1 << 20)) == sorted(arrays)
+
+
+def test_a_shape_a_tflite_model_cannot_prepare_is_refused_once_it_has_answered(tmp_path):
+    """TFLite checks shapes when it allocates (each op's Prepare): after one answer, a
+    failure there is the new shape's; before any, the model's."""
+    pytest.importorskip("ai_edge_litert")
+    _reshape_tflite(tmp_path / "reshape.tflite")
+    with load_engine(tmp_path / "reshape.tflite") as fresh:
+        with pytest.raises(EngineError) as failed:
+            fresh.infer(np.zeros((2, 8), np.float32))
+        assert not isinstance(failed.value, RejectedInputError)
+    with load_engine(tmp_path / "reshape.tflite") as engine:
+        assert engine.infer(np.arange(8, dtype=np.float32)[None])["y"].shape == (2, 4)
+        with pytest.raises(RejectedInputError) as refused:
+            engine.infer(np.zeros((2, 8), np.float32))
+        assert refused.value.input == "x" and "\n" not in str(refused.value)
+        assert engine.infer(np.ones((1, 8), np.float32))["y"].shape == (2, 4)  # and recovers
+
+
+def _reshape_tflite(path: Path) -> None:
+    """x float32 [batch, 8] (batch dynamic) -> RESHAPE to a fixed [2, 4]: batch 1 only."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    new_shape = schema.BufferT()
+    new_shape.data = np.array([2, 4], np.int32).view(np.uint8).ravel()
+
+    def tensor(name, shape, signature=None, kind=schema.TensorType.FLOAT32, buffer=0):
+        result = schema.TensorT()
+        result.name, result.type, result.shape, result.buffer = name, kind, shape, buffer
+        result.shapeSignature, result.hasRank = signature, True
+        return result
+
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.RESHAPE
+    code.version = 1
+    operator = schema.OperatorT()
+    operator.opcodeIndex, operator.inputs, operator.outputs = 0, [0, 1], [2]
+    operator.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+    operator.builtinOptions = schema.ReshapeOptionsT()
+    operator.builtinOptions.newShape = [2, 4]
+    subgraph = schema.SubGraphT()
+    subgraph.name = "reshape"
+    subgraph.tensors = [tensor("x", [1, 8], [-1, 8]),
+                        tensor("new_shape", [2], kind=schema.TensorType.INT32, buffer=1),
+                        tensor("y", [2, 4])]
+    subgraph.inputs, subgraph.outputs, subgraph.operators = [0], [2], [operator]
+    model = schema.ModelT()
+    model.version, model.description = 3, "edgefleet-tests"
+    model.operatorCodes, model.subgraphs = [code], [subgraph]
+    model.buffers = [schema.BufferT(), new_shape]
+    builder = flatbuffers.Builder(256)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
