@@ -128,8 +128,8 @@ def fetch_device_broker(fleet_url: str) -> str | None:
         raise ValueError(f"{url}: broker must be a string, given {type(broker).__name__}")
     if len(broker) > 300 or not _BROKER_URL.fullmatch(broker):
         raise ValueError(f"{url}: broker {broker[:100]!r} is not mqtt://HOST:PORT")
-    address = BrokerAddress.parse(broker)  # ValueError names the URL and the problem
-    return str(address)
+    BrokerAddress.parse(broker)  # ValueError names the URL and the problem (a bad port)
+    return broker
 
 
 class BundleClient:
