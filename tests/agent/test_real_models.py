@@ -11,6 +11,7 @@ the schema allows but the model refuses.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,15 @@ import numpy as np
 import pytest
 
 from agent.bundle import extract_bundle
+from agent.contract import (
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    BundleManifest,
+    MessageRejected,
+    decode,
+    manifest_bytes,
+)
 from agent.endpoint import InferenceEndpoint
 from agent.health import open_checked_engine
 from agent.installer import LoadedModel
@@ -216,6 +226,27 @@ def test_model_metadata_is_in_the_manifest_and_the_model_description(detector, v
     assert described["metadata"] == {"sampling_rates": "8000,16000"}
     assert [i["name"] for i in described["inputs"]] == ["input", "state", "sr"]
     assert [o["name"] for o in described["outputs"]] == ["output", "stateN"]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "said"),
+    [
+        ({f"k{i}": "v" for i in range(MAX_METADATA_KEYS + 1)}, "metadata"),
+        ({"k" * (MAX_METADATA_KEY_CHARS + 1): "v"}, "metadata"),
+        ({"": "v"}, "metadata"),
+        ({"dict": "x" * (MAX_METADATA_VALUE_CHARS + 1)}, "metadata"),
+        ({"dict": "nul\x00"}, "metadata"),
+        ({"dict": 7}, "metadata"),
+    ],
+    ids=["keys", "key-length", "empty-key", "value-length", "control", "not-text"],
+)
+def test_a_manifest_with_metadata_out_of_bounds_is_refused(vad_model, metadata, said):
+    manifest = json.loads(manifest_bytes(vad_model.manifest))
+    assert decode(BundleManifest, json.dumps(manifest)).metadata == {
+        "sampling_rates": "8000,16000"}
+    manifest["metadata"] = metadata
+    with pytest.raises(MessageRejected, match=said):
+        decode(BundleManifest, json.dumps(manifest))
 
 
 # --- agent.npy: the npz reader and writer the endpoint uses ---------------------------------
