@@ -230,14 +230,14 @@ class _Routes:
 def _answer_format(accept: bytes | None) -> str | None:
     """How to answer a request with this ``Accept`` header: JSON, ``.npy`` or ``.npz``, or
     None when it accepts none of them (406). The media ranges are read with their ``q``
-    weights: the highest weighted of ours wins, JSON on a tie (it is what a client that
-    did not ask for binary expects); ``*/*`` and ``application/*`` accept JSON, ``q=0``
+    weights: the highest weighted of ours wins; on a tie a type named outright beats one a
+    wildcard covers (``application/x-npy, */*`` is ``.npy``), then JSON (what a client that
+    did not ask for binary expects). ``*/*`` and ``application/*`` accept JSON, ``q=0``
     refuses. No header, or an empty one: JSON. Cached: a client sends the same header."""
     if not accept or not accept.strip():
         return _AS_JSON
-    weights = {_AS_JSON: -1.0, _AS_NPY: -1.0, _AS_NPZ: -1.0}
-    by_type = {JSON: (_AS_JSON,), NPY: (_AS_NPY,), NPZ: (_AS_NPZ,),
-               "application/*": (_AS_JSON,), "*/*": (_AS_JSON,)}
+    ranked = dict.fromkeys((_AS_JSON, _AS_NPY, _AS_NPZ), (-1.0, 0))
+    by_type = {JSON: _AS_JSON, NPY: _AS_NPY, NPZ: _AS_NPZ}
     for part in accept.decode("latin-1").split(","):
         media, *params = (piece.strip() for piece in part.split(";"))
         quality = 1.0
@@ -248,10 +248,16 @@ def _answer_format(accept: bytes | None) -> str | None:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
-        for answer in by_type.get(media.lower(), ()):
-            weights[answer] = max(weights[answer], quality)
-    best = max(weights, key=lambda answer: (weights[answer], answer == _AS_JSON))
-    return best if weights[best] > 0 else None
+        media = media.lower()
+        if media in by_type:
+            answer, rank = by_type[media], (quality, 1)
+        elif media in ("*/*", "application/*"):
+            answer, rank = _AS_JSON, (quality, 0)
+        else:
+            continue
+        ranked[answer] = max(ranked[answer], rank)
+    best = max(ranked, key=lambda answer: (*ranked[answer], answer == _AS_JSON))
+    return best if ranked[best][0] > 0 else None
 
 
 @functools.lru_cache(maxsize=64)

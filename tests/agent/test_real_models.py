@@ -30,7 +30,7 @@ from agent.contract import (
     decode,
     manifest_bytes,
 )
-from agent.endpoint import InferenceEndpoint
+from agent.endpoint import InferenceEndpoint, _answer_format
 from agent.health import open_checked_engine
 from agent.installer import LoadedModel
 from agent.npy import NpyError, dump_npz, load_npz
@@ -143,6 +143,19 @@ def test_a_single_output_model_still_answers_npy(detector):
     assert response.headers["content-type"] == NPY
     np.testing.assert_allclose(np.load(io.BytesIO(response.content)), detector_reference(x),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("accept", "answer"),
+    [
+        (None, "json"), ("*/*", "json"), (f"{NPY}, */*", "npy"), (f"*/*;q=0.5, {NPZ}", "npz"),
+        (f"application/json, {NPZ}", "json"), (f"{NPZ};q=0.9, application/json;q=0.1", "npz"),
+        (f"application/*;q=0.2, {NPY};q=0.1", "json"), ("text/html", None),
+        (f"{NPY};q=0", None), (f"{NPY};q=abc", None),
+    ],
+)
+def test_the_answer_format_follows_accept_and_its_weights(accept, answer):
+    assert _answer_format(accept.encode() if accept else None) == answer
 
 
 @pytest.mark.parametrize("accept", ["text/html", "image/png", f"{NPY};q=0, application/xml"])
