@@ -40,7 +40,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(bundle_app, name="bundle")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="EDGEFLEET_URL", help="the running fleet's API base URL")
