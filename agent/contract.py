@@ -40,7 +40,10 @@ __all__ = [
     "DEVICE_CHANNELS",
     "DEVICE_ID_PATTERN",
     "DIRECTOR_FIELD",
+    "LABEL_KEY_PATTERN",
+    "LABEL_VALUE_PATTERN",
     "MANIFEST_NAME",
+    "MAX_LABELS",
     "MAX_MANIFEST_BYTES",
     "MAX_MESSAGE_BYTES",
     "MAX_METADATA_KEYS",
@@ -223,6 +226,15 @@ class PlatformInfo(_Strict, kw_only=True):
     runtimes: Annotated[dict[ShortText, ShortText], Meta(max_length=16)] = {}
 
 
+# Labels a device reports from its own configuration (`edge-agent run --label site=berlin`)
+# and tags an operator sets share one shape, so a rollout selector reads both alike.
+LABEL_KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}\Z"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}\Z"
+MAX_LABELS = 32
+LabelKey = Annotated[str, Meta(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Meta(pattern=LABEL_VALUE_PATTERN)]
+
+
 class ReportedState(DeviceMessage, kw_only=True):
     kind: Literal["reported"] = "reported"
     agent_version: ShortText
@@ -230,6 +242,7 @@ class ReportedState(DeviceMessage, kw_only=True):
     platform: PlatformInfo
     desired_generation: Int64 | None = None
     desired_bundle: BundleRef | None = None
+    labels: Annotated[dict[LabelKey, LabelValue], Meta(max_length=MAX_LABELS)] = {}
 
 
 class HeartbeatTelemetry(DeviceMessage, kw_only=True):
