@@ -264,14 +264,28 @@ def _get(url: str, token: str | None, path: str) -> object:
     return _request(url, token, "GET", path)
 
 
-@devices_app.command("list", epilog="Example: edge-fleet devices list --json")
+@devices_app.command("list",
+                     epilog="Example: edge-fleet devices list --selector 'site=berlin,ring!=lab'")
 def devices_list(
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+    selector: Annotated[str | None, typer.Option(
+        help="only devices whose labels/tags match: k=v, k!=v, k, !k, comma-separated",
+    )] = None,
 ) -> None:
     """List devices with their online state, versions and last heartbeat."""
-    rows = _get(url, token, "/api/v1/devices")
+    from urllib.parse import quote
+
+    from fleet.selectors import Selector, SelectorError
+
+    query = ""
+    if selector is not None:
+        try:
+            query = "?selector=" + quote(str(Selector.parse(selector)))
+        except SelectorError as exc:
+            raise _fail(str(exc)) from None
+    rows = _get(url, token, "/api/v1/devices" + query)
     if as_json:
         console.print_json(data=rows)
         return
@@ -331,6 +345,33 @@ def devices_events(
         detail = ", ".join(f"{k}={v}" for k, v in row["detail"].items())
         table.add_row(str(row["seq"]), row["sent_at"], row["event"], detail)
     console.print(table)
+
+
+@devices_app.command("tag", epilog="Example: edge-fleet devices tag cam-01 site=berlin "
+                                   "ring=canary --remove lab")
+def devices_tag(
+    device_id: DeviceArgument,
+    tags: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE tags to set")] = None,
+    remove: Annotated[list[str] | None, typer.Option(
+        "--remove", help="a tag key to remove (repeatable)")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Set or remove an operator's tags on a device (rollout selectors match them, over the
+    labels the device reports itself)."""
+    from fleet.selectors import SelectorError, parse_keys, parse_labels
+
+    try:
+        add = parse_labels(tags or [])
+        removed = parse_keys(remove or [])
+    except SelectorError as exc:
+        raise _fail(str(exc)) from None
+    if not add and not removed:
+        raise _fail("nothing to do: give KEY=VALUE tags and/or --remove KEY")
+    row = _request(url, token, "PATCH", f"/api/v1/devices/{device_id}/tags",
+                   {"add": add, "remove": removed})
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(row["tags"].items())) or "none"  # type: ignore[index]
+    console.print(f"{device_id}: tags {shown}", highlight=False)
 
 
 @devices_app.command("remove", epilog="Example: edge-fleet devices remove cam-01")

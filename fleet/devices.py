@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, select
 
 from agent.contract import (
+    MAX_LABELS,
     EventMessage,
     HeartbeatTelemetry,
     ReportedState,
@@ -32,6 +33,7 @@ from agent.contract import (
 from fleet.db import dialect_insert, is_postgresql
 from fleet.models import Device, DeviceDesired, DeviceEvent, Heartbeat
 from fleet.pg_bulk import raw_cursor, staged
+from fleet.selectors import Selector, SelectorError, effective_labels
 
 __all__ = [
     "apply_event",
@@ -44,7 +46,9 @@ __all__ = [
     "list_events",
     "load_devices",
     "lock_devices",
+    "matching",
     "remove_device",
+    "set_tags",
     "touch",
 ]
 
@@ -138,6 +142,7 @@ def apply_reported(session: Session, message: ReportedState, fresh: bool = True)
     device.active_model_version = message.active_model.version if message.active_model else None
     device.platform = to_data(message.platform)
     device.desired_generation = message.desired_generation
+    device.labels = dict(message.labels) or None
     return True
 
 
@@ -273,6 +278,30 @@ def list_devices(session: Session) -> list[Device]:
 
 def get_device(session: Session, device_id: str) -> Device | None:
     return session.get(Device, device_id)
+
+
+def set_tags(
+    session: Session, device_id: str, add: dict[str, str], remove: list[str]
+) -> Device | None:
+    """Set and remove an operator's tags on a device (None if it is unknown)."""
+    device = session.get(Device, device_id, with_for_update=True)
+    if device is None:
+        return None
+    tags = {k: v for k, v in (device.tags or {}).items() if k not in remove}
+    tags.update(add)
+    if len(tags) > MAX_LABELS:
+        raise SelectorError(f"a device carries at most {MAX_LABELS} tags")
+    device.tags = tags or None
+    session.add(device)
+    session.commit()
+    session.refresh(device)
+    return device
+
+
+def matching(session: Session, selector: Selector) -> list[Device]:
+    """The devices whose labels and tags the selector matches, in id order."""
+    return [device for device in list_devices(session)
+            if selector.matches(effective_labels(device.labels, device.tags))]
 
 
 def remove_device(session: Session, device_id: str) -> bool:

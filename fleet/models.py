@@ -70,6 +70,10 @@ class Device(SQLModel, table=True):
     heartbeat_seq: int = Field(default=0, sa_type=BigInteger)
     heartbeat: dict | None = Field(default=None, sa_column=Column(JSON))
     heartbeat_at: datetime | None = Field(default=None, sa_type=_tz())
+    # Labels the device reports from its configuration, and tags an operator sets; a
+    # selector matches the tags laid over the labels (fleet.selectors).
+    labels: dict | None = Field(default=None, sa_column=Column(JSON))
+    tags: dict | None = Field(default=None, sa_column=Column(JSON))
 
 
 class ActiveModelPublic(SQLModel):
@@ -123,6 +127,8 @@ class DevicePublic(SQLModel):
     platform: dict | None
     # The generation the device reports it accepted (from its reported state).
     desired_generation: int | None
+    labels: dict[str, str] = {}  # reported by the device
+    tags: dict[str, str] = {}  # set by operators; they win over labels in selectors
     desired: DesiredPublic | None = None
     # Whether the device runs what it was told and has accepted that desired state; None
     # when the fleet never told it anything.
@@ -147,6 +153,8 @@ class DevicePublic(SQLModel):
             active_model=active,
             platform=device.platform,
             desired_generation=device.desired_generation,
+            labels=device.labels or {},
+            tags=device.tags or {},
             desired=None if desired is None else DesiredPublic(
                 bundle=desired.bundle_name, version=desired.bundle_version,
                 generation=desired.generation, issued_at=desired.issued_at,
@@ -232,6 +240,16 @@ class DeviceDesired(SQLModel, table=True):
 
 # Pydantic's patterns run on Rust's regex engine, where `$` is the end of the text.
 DeviceIdField = Annotated[str, PydanticField(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+LabelKeyField = Annotated[str, PydanticField(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+LabelValueField = Annotated[str, PydanticField(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")]
+
+
+class TagsUpdate(BaseModel):
+    add: dict[LabelKeyField, LabelValueField] = PydanticField(default_factory=dict,
+                                                              max_length=32)
+    remove: list[LabelKeyField] = PydanticField(default_factory=list, max_length=32)
 
 
 class DeploymentCreate(BaseModel):

@@ -6,21 +6,43 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from fleet import devices, telemetry
 from fleet.api.deps import ERROR_RESPONSES, CurrentToken, OperatorToken, SessionDep
-from fleet.models import DeviceEventPublic, DevicePublic, HeartbeatRow
+from fleet.models import DeviceEventPublic, DevicePublic, HeartbeatRow, TagsUpdate
+from fleet.selectors import MAX_SELECTOR_CHARS, Selector
 
 router = APIRouter(prefix="/devices", tags=["devices"], responses=ERROR_RESPONSES)
 
 
 @router.get("", response_model=list[DevicePublic])
-def list_devices(session: SessionDep, _: CurrentToken) -> list[DevicePublic]:
+def list_devices(
+    session: SessionDep,
+    _: CurrentToken,
+    selector: str | None = Query(
+        default=None, max_length=MAX_SELECTOR_CHARS,
+        description="only devices whose labels and tags match, e.g. site=berlin,ring!=lab",
+    ),
+) -> list[DevicePublic]:
     desired = devices.desired_states(session)
-    return [DevicePublic.from_row(device, desired.get(device.id))
-            for device in devices.list_devices(session)]
+    rows = (devices.list_devices(session) if selector is None
+            else devices.matching(session, Selector.parse(selector)))
+    return [DevicePublic.from_row(device, desired.get(device.id)) for device in rows]
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
 def get_device(device_id: str, session: SessionDep, _: CurrentToken) -> DevicePublic:
     device = devices.get_device(session, device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    desired = devices.desired_states(session, [device_id]).get(device_id)
+    return DevicePublic.from_row(device, desired)
+
+
+@router.patch("/{device_id}/tags", response_model=DevicePublic)
+def tag_device(
+    device_id: str, body: TagsUpdate, session: SessionDep, _: OperatorToken
+) -> DevicePublic:
+    """Set (``add``) and remove (``remove``) an operator's tags on a device; rollout
+    selectors match them over the labels the device reports."""
+    device = devices.set_tags(session, device_id, dict(body.add), list(body.remove))
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     desired = devices.desired_states(session, [device_id]).get(device_id)
