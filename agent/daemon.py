@@ -36,6 +36,7 @@ import platform
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -166,6 +167,11 @@ class AgentConfig:
     download: DownloadLimits = field(default_factory=DownloadLimits)  # deadline, floor
     broker_source: str = "--broker"  # where the broker address came from, for the logs
     fleet_silence_s: float = 60.0  # connected this long with no word from a fleet: say so
+    # The device's own labels (`--label site=berlin`), reported in every ReportedState;
+    # checked against the contract's bounds before they get here (agent.labels).
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # STATE_DIR/agent.sock for `edge-agent rollback` / `status`; off for simulated devices.
+    control_socket: bool = True
 
 
 class AgentDaemon:
@@ -192,10 +198,13 @@ class AgentDaemon:
             on_swap=self._swap_model, retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s,
         )
-        self.control = ControlServer(
-            socket_path(config.state_dir),
-            {"rollback": self._control_rollback, "status": self._control_status},
-        )
+        self.labels: dict[str, str] = dict(config.labels)
+        self.control: ControlServer | None = None
+        if config.control_socket:
+            self.control = ControlServer(
+                socket_path(config.state_dir),
+                {"rollback": self._control_rollback, "status": self._control_status},
+            )
         # Bound here, so a taken port is an error at start-up, not a dead thread later.
         self.endpoint: InferenceEndpoint | None = None
         if config.listen is not None or config.socket_path is not None:
@@ -281,6 +290,7 @@ class AgentDaemon:
             platform=self._platform,
             desired_generation=desired.generation if desired else None,
             desired_bundle=desired.bundle if desired else None,
+            labels=dict(self.labels),
         )
 
     def _publish(self, channel: Channel, message, *, retain: bool = False) -> None:
@@ -455,6 +465,19 @@ class AgentDaemon:
 
     def run(self) -> None:
         """Block until :meth:`stop`; survives any number of broker outages."""
+        self.start()
+        try:
+            while not self._stop.wait(self.config.interval_s):
+                self.tick()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        """Connect, load the active model and start the device's threads; returns at once.
+
+        :meth:`run` is ``start``, then :meth:`tick` every interval, then :meth:`shutdown`;
+        the device simulator calls the three itself, so many devices share one clock
+        thread instead of a main loop each."""
         log.info(
             "agent %s starting: device %s, broker %s (%s), state %s",
             __version__,
@@ -482,15 +505,23 @@ class AgentDaemon:
         )
         self.reconciler.start()
         self._worker.start()
-        self.control.start()
+        if self.control is not None:
+            self.control.start()
         self.drainer.start()
-        try:
-            while not self._stop.wait(self.config.interval_s):
-                self._check_fleet_silence()
-                self.reconciler.follow_disk()
-                self._queue_heartbeat()  # also while offline: the outbox keeps it
-        finally:
-            self._shutdown()
+
+    def tick(self) -> None:
+        """What the main loop does every interval: checks, then queue a heartbeat."""
+        self._check_fleet_silence()
+        self.reconciler.follow_disk()
+        self._queue_heartbeat()  # also while offline: the outbox keeps it
+
+    def set_labels(self, labels: Mapping[str, str]) -> None:
+        """New labels (already checked): reported at once when connected."""
+        if dict(labels) == self.labels:
+            return
+        self.labels = dict(labels)
+        if self.link.connected:
+            self._publish_reported()
 
     def _warn_about_set_up(self) -> None:
         """Loudly, at start-up: what keeps this agent from working as a fleet's device."""
@@ -510,11 +541,9 @@ class AgentDaemon:
             log.warning("enrolled, but no fleet URL is known to fetch bundles from: "
                         "give --fleet URL or enroll again with --force")
 
-    def _shutdown(self) -> None:
-        self.control.stop()
-        self._work.put(None)
-        self._worker.join(timeout=5)
-        self.reconciler.stop()  # cancels an install in progress: it resumes at the next start
+    def shutdown(self) -> None:
+        """A clean stop: the backlog gets a moment, the fleet is told offline."""
+        self._stop_threads()
         if self.link.connected:  # give the backlog a moment to reach the broker
             deadline = time.monotonic() + 2
             while self.outbox.stats().depth and time.monotonic() < deadline:
@@ -528,10 +557,33 @@ class AgentDaemon:
             with contextlib.suppress(RuntimeError):
                 info.wait_for_publish(timeout=3)
         self.link.close()
+        self._release()
+        log.info("agent stopped")
+
+    def abandon(self) -> None:
+        """Stop as a crash or power cut would, as far as anyone outside can tell: no
+        goodbye, the broker publishes this connection's Last Will, what the outbox holds
+        stays on disk for the next start. (The device simulator's crash; files are closed
+        so the same state directory can be opened again in this process.)"""
+        self.link.drop()
+        self._stop_threads()
+        self.drainer.stop()
+        self.link.close()
+        self._release()
+        log.warning("agent %s abandoned (simulated crash)", self.config.device_id)
+
+    def _stop_threads(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        self._work.put(None)
+        if self._worker.is_alive():
+            self._worker.join(timeout=5)
+        self.reconciler.stop()  # cancels an install in progress: it resumes at the next start
+
+    def _release(self) -> None:
         if self.endpoint is not None:
             self.endpoint.stop()
         self.host.close()
         self.outbox.close()
         self.state.close()
         self.installer.slots.unlock()
-        log.info("agent stopped")

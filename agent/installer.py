@@ -71,6 +71,10 @@ class Installer:
         self.emit = emit
         self.max_bundle_bytes = max_bundle_bytes
         self.last_error: UpdateError | None = None  # why the last install failed
+        # Injected faults (the device simulator): called with "health_check" after the real
+        # check passed (may raise HealthCheckError) and "switched" after the switch (may
+        # end the device as a crash would). None on a real device.
+        self.fault: Callable[[str, BundleManifest], None] | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -139,8 +143,12 @@ class Installer:
             )
             cancel.check()
             engine = self._open(self.slots.path(staged), manifest)
+            if self.fault is not None:
+                self.fault("health_check", manifest)
             crash_point("after_health_check")
             self.slots.activate(staged)
+            if self.fault is not None:
+                self.fault("switched", manifest)
         except Exception as exc:
             if engine is not None:
                 engine.close()

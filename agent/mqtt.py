@@ -30,6 +30,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = ["BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink", "Will"]
 
@@ -199,6 +200,7 @@ class MqttLink:
         self._will_factory = will_factory
         self._keepalive = keepalive
         self._state = _State.UNOPENED
+        self._dropped = False  # drop() until resume(): offline on purpose
         self._connected = threading.Event()
         self._manual_ack = manual_ack
         self._receive_maximum = receive_maximum
@@ -242,6 +244,9 @@ class MqttLink:
             raise RuntimeError(f"cannot start a link that is {self._state.value}")
         self._state = _State.OPENED
         self._arm_will()
+        self._connect_async()
+
+    def _connect_async(self) -> None:
         properties = Properties(PacketTypes.CONNECT)
         if self._receive_maximum is not None:
             properties.ReceiveMaximum = self._receive_maximum
@@ -259,13 +264,37 @@ class MqttLink:
             raise LinkError(f"cannot connect to {self.broker}: {exc}") from exc
         self._client.loop_start()
 
+    def drop(self, timeout: float = 5.0) -> None:
+        """Leave the broker as a lost network would look to everyone else: the broker
+        publishes this connection's Last Will (MQTT v5 DISCONNECT reason 0x04), and nothing
+        reconnects until :meth:`resume`. Publishes meanwhile are queued, as while offline.
+        The device simulator's "go offline" and "crash"."""
+        if self._state is not _State.OPENED or self._dropped:
+            return
+        self._dropped = True
+        if self._connected.is_set():
+            self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+            deadline = time.monotonic() + timeout
+            while self._connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._client.loop_stop()
+        self._connected.clear()
+
+    def resume(self) -> None:
+        """Connect again after :meth:`drop` (with a fresh Last Will, as after any loss)."""
+        if self._state is not _State.OPENED or not self._dropped:
+            return
+        self._dropped = False
+        self._connect_async()
+
     def close(self) -> None:
         """Disconnect cleanly (no Last Will) and stop the network thread."""
         if self._state is not _State.OPENED:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
-        self._client.disconnect()
+        if not self._dropped:
+            self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
 
@@ -336,7 +365,7 @@ class MqttLink:
         was_connected = self._connected.is_set()
         self._connected.clear()
         if self._state is _State.OPENED:
-            if was_connected:
+            if was_connected and not self._dropped:
                 log.warning("lost the broker %s (%s); reconnecting", self.broker, reason_code)
             # The next attempt announces a new connection with its own Last Will.
             self._arm_will()
