@@ -138,7 +138,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds connected with nothing from a fleet before saying so (a WARNING when "
         "not enrolled; default 60; env EDGE_AGENT_FLEET_SILENCE)",
     )
+    _add_label_argument(run)
     _add_engine_arguments(run)
+
+    _add_simulate_command(commands, common, state_dir_default)
 
     enroll = _command(
         commands, "enroll", common,
@@ -180,6 +183,42 @@ def _build_parser() -> argparse.ArgumentParser:
                        "{\"inputs\": ...}), .npy or .npz")
     _add_engine_arguments(infer)
     return parser
+
+
+def _add_label_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--label", action="append", dest="labels", metavar="KEY=VALUE",
+        help="a label this device reports to its fleet, e.g. site=berlin (repeatable; "
+        "default: env EDGE_AGENT_LABELS=site=berlin,ring=canary)",
+    )
+
+
+def _labels(args: argparse.Namespace) -> dict[str, str] | None:
+    """The device's labels, or None after printing which one is wrong."""
+    from agent.labels import LabelError, labels_from_env, parse_labels
+
+    items = args.labels or labels_from_env(os.environ.get("EDGE_AGENT_LABELS"))
+    source = "--label" if args.labels else "EDGE_AGENT_LABELS"
+    try:
+        return parse_labels(items)
+    except LabelError as exc:
+        print(f"error: {source}: {exc}", file=sys.stderr)
+        return None
+
+
+def _add_simulate_command(commands, common, state_dir_default: Path) -> None:
+    from agent.simulate.options import add_arguments
+
+    simulate = _command(
+        commands, "simulate", common,
+        "run many simulated devices in one process, on the agent's real code paths",
+        "  edge-agent simulate --devices 50 --broker mqtt://127.0.0.1:1883 "
+        "--fleet http://127.0.0.1:8000\n"
+        "  edge-agent simulate --devices 500 --threads 1 --faults faults.json --label ring=sim\n"
+        "  edge-agent simulate --devices 3 --brokers-file creds.json --fleet http://fleet:8000")
+    add_arguments(simulate, state_dir_default)
+    _add_label_argument(simulate)
+    _add_engine_arguments(simulate)
 
 
 def _add_engine_arguments(command: argparse.ArgumentParser) -> None:
@@ -254,6 +293,9 @@ def _run(args: argparse.Namespace) -> int:
     engine = _engine_options(args)
     if engine is None:
         return 2
+    labels = _labels(args)
+    if labels is None:
+        return 2
     try:
         download = DownloadLimits(
             deadline_s=args.download_deadline, floor_bps=args.download_floor,
@@ -280,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
                 download=download,
                 broker_source=broker_source,
                 fleet_silence_s=args.fleet_silence,
+                labels=labels,
             )
         )
     except (OSError, SlotsBusyError) as exc:  # state dir not writable, port taken, ...
@@ -434,6 +477,18 @@ def _rollback_offline(state_dir: Path) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from agent.simulate.options import run_from_args
+
+    engine = _engine_options(args)
+    if engine is None:
+        return 2
+    labels = _labels(args)
+    if labels is None:
+        return 2
+    return run_from_args(args, engine, labels)
+
+
 def _infer(args: argparse.Namespace) -> int:
     from agent.infer_cmd import infer_main
 
@@ -444,7 +499,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _run, "enroll": _enroll, "status": _status, "rollback": _rollback,
-             "infer": _infer}
+             "infer": _infer, "simulate": _simulate}
 SIGPIPE_EXIT = 128 + signal.SIGPIPE
 
 

@@ -52,3 +52,16 @@ def test_ingest_benchmark_prints_its_figures_as_json(postgres_url):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"ingest_vs_bare", "two_workers_vs_one", "msgs_per_s", "worker_rss_mb"} <= set(figures)
     assert figures["msgs_per_s"] > 0
+
+
+def test_simulate_benchmark_prints_its_figures_as_json():
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "simulate.py"), "--devices", "3", "--interval", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"register_s", "deploy_s", "rss_mb_per_device_idle",
+            "rss_mb_per_device_serving"} <= set(figures)
+    assert figures["healthy_events"] == 3 and figures["tracebacks"] == 0
+    assert figures["simulator_exit"] == 0
