@@ -170,10 +170,11 @@ def token_create(
     """Create a token in the fleet's database and print it once (it is stored hashed)."""
     from sqlmodel import Session
 
+    from fleet.audit import cli_actor
     from fleet.tokens import create_token
 
     with Session(_local_engine(_settings(data_dir))) as session:
-        row, token = create_token(session, role=role, name=name)
+        row, token = create_token(session, role=role, name=name, actor=cli_actor())
     err.print(f"created {row.role} token #{row.id} ({row.name}); it is shown only this once:")
     print(token)
 
@@ -201,12 +202,13 @@ def token_revoke(
     """Revoke a token for good: the API refuses it from now on."""
     from sqlmodel import Session
 
+    from fleet.audit import cli_actor
     from fleet.errors import NotFoundError
     from fleet.tokens import revoke_token
 
     try:
         with Session(_local_engine(_settings(data_dir))) as session:
-            row = revoke_token(session, token_id)
+            row = revoke_token(session, token_id, actor=cli_actor())
     except NotFoundError as exc:
         raise _fail(str(exc)) from None
     console.print(f"revoked token #{row.id} ({row.name}, {row.role})", highlight=False)
@@ -565,6 +567,102 @@ def deploy(
     for device_id, generation in result["generations"].items():  # type: ignore[index]
         console.print(f"{device_id}: {bundle} v{version} (generation {generation})",
                       highlight=False)
+
+
+audit_app = typer.Typer(help="the audit log: who did what, when and why (hash-chained)",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("list", epilog="Example: edge-fleet audit list --action token "
+                                  "--since 2026-12-01T00:00:00Z --limit 20\n\n"
+                                  "Example: edge-fleet audit list --subject bundle:detector "
+                                  "--json")
+def audit_list(
+    action: Annotated[str | None, typer.Option(
+        help="an action or its family, e.g. deploy, or token (token.create, token.revoke)",
+        show_default=False)] = None,
+    actor: Annotated[str | None, typer.Option(
+        help="who: an actor or its prefix up to a colon, e.g. token:3, cli:alice, "
+             "system:controller", show_default=False)] = None,
+    subject: Annotated[str | None, typer.Option(
+        help="what: a subject or its prefix up to a colon, e.g. device:cam-01, "
+             "bundle:detector", show_default=False)] = None,
+    since: Annotated[str | None, typer.Option(
+        help="only entries at or after this ISO 8601 time (UTC if no offset), "
+             "e.g. 2026-12-01T08:00:00Z", show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="the newest N entries (shown oldest first)",
+                                       min=1, max=1000)] = 100,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
+    """List audit entries: operator actions and the fleet's automatic decisions."""
+    from datetime import datetime
+    from urllib.parse import urlencode
+
+    if since is not None:
+        try:
+            datetime.fromisoformat(since)
+        except ValueError:
+            raise _fail(f"--since {since!r} is not an ISO 8601 time "
+                        "(e.g. 2026-12-01T08:00:00Z)") from None
+    query = {"action": action, "actor": actor, "subject": subject, "since": since,
+             "limit": limit}
+    rows = _get(url, token, "/api/v1/audit?" + urlencode(
+        {key: value for key, value in query.items() if value is not None}))
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = Table("seq", "time", "actor", "action", "subject", "reason")
+    for row in rows:  # type: ignore[union-attr]
+        table.add_row(str(row["seq"]), row["at"], row["actor"], row["action"], row["subject"],
+                      row["reason"])
+    console.print(table, highlight=False)
+
+
+@audit_app.command("verify", epilog="Example: edge-fleet audit verify --data-dir "
+                                    "/var/lib/edgefleet\n\n"
+                                    "Example: edge-fleet audit verify --expect 1200:3f9a0c1d2e4b")
+def audit_verify(
+    data_dir: DataDirOption = None,
+    expect: Annotated[str | None, typer.Option(
+        help="SEQ:HASH an earlier verify printed (kept outside the database): the entry "
+             "must still have that hash (12 hex digits or more)", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Check the audit log's hash chain in the fleet's database: every edited, removed or
+    reordered entry is named. Exit 0 if intact, 1 if not."""
+    import json
+
+    from sqlmodel import Session
+
+    from fleet.audit import verify
+
+    anchor = None
+    if expect is not None:
+        seq_text, _, digest = expect.partition(":")
+        if not (seq_text.isdigit() and len(digest) >= 12
+                and all(c in "0123456789abcdefABCDEF" for c in digest)):
+            raise _fail(f"--expect {expect!r} is not SEQ:HASH (e.g. 1200:3f9a0c1d2e4b)")
+        anchor = (int(seq_text), digest)
+    with Session(_local_engine(_settings(data_dir))) as session:
+        report = verify(session, expect=anchor)
+    if as_json:
+        print(json.dumps({"ok": report.ok, "entries": report.entries,
+                          "head_seq": report.head_seq, "head_hash": report.head_hash,
+                          "problems": [{"seq": p.seq, "problem": p.problem,
+                                        "detail": p.detail} for p in report.problems]}))
+    else:
+        for problem in report.problems:
+            print(f"{problem}")
+    if report.problems:
+        err.print(f"audit log NOT intact: {len(report.problems)} problem(s) in "
+                  f"{report.entries} entries", highlight=False)
+        raise typer.Exit(1)
+    if not as_json:
+        console.print(f"audit log intact: {report.entries} entries, head {report.head_seq} "
+                      f"{report.head_hash}", highlight=False)
 
 
 def main() -> None:

@@ -4,17 +4,21 @@ The generation is allocated under a row lock and committed before anything is pu
 so two operators deploying at once still give each device strictly increasing
 generations, and a crash between commit and publish at worst leaves a desired state
 unpublished (deploy again), never a generation used twice. Staged rollouts reuse
-:func:`assign`.
+:func:`assign`. The deployment's audit entry commits in the same transaction as the
+generations it records.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 
 from sqlmodel import Session, select
 
 from agent.contract import BundleRef, Channel, DesiredState, is_valid_device_id, topic, utcnow
+from fleet import audit
 from fleet.db import dialect_insert
 from fleet.errors import InvalidRequestError, UnknownBundleError, UnknownDevicesError
 from fleet.models import Device, DeviceDesired
@@ -63,8 +67,12 @@ def assign(
     device_ids: list[str],
     issued_by: str,
     allow_unknown: bool = False,
+    reason: str | None = None,
 ) -> dict[str, int]:
     """Point ``device_ids`` at ``bundle``; returns each device's new generation.
+
+    ``issued_by`` is the audit actor (``token:3:alice``, ``system:controller``); the
+    entry (action ``deploy``) names the bundle, the devices and their generations.
 
     Devices the registry does not know are refused (all of them named) unless
     ``allow_unknown``: a mistyped id would otherwise be "deployed" to nobody, successfully.
@@ -84,6 +92,7 @@ def assign(
                 "allow_unknown / --allow-unknown to pre-provision them)"
             )
     signed: dict[str, tuple[int, bytes]] = {}
+    audit.lock_chain(session)  # the chain before the rows, as every audited change does
     for device_id in sorted(set(device_ids)):  # a fixed order: no deadlocks between deploys
         row = _locked_row(session, device_id)
         row.generation += 1
@@ -94,9 +103,32 @@ def assign(
             issued_at=row.issued_at,
         )
         signed[device_id] = (row.generation, sign_desired(desired, signer))
+    generations = {device_id: generation for device_id, (generation, _) in signed.items()}
+    audit.record(
+        session, issued_by, "deploy", f"bundle:{bundle.name}:{bundle.version}",
+        reason or f"{bundle.name} v{bundle.version} to {len(generations)} device(s)",
+        _deploy_details(bundle, generations, allow_unknown),
+    )
     session.commit()
     for device_id, (_, payload) in signed.items():
         publish(topic(device_id, Channel.DESIRED), payload)
     log.info("deployed %s v%d to %d device(s) by %s", bundle.name, bundle.version,
              len(signed), issued_by)
-    return {device_id: generation for device_id, (generation, _) in signed.items()}
+    return generations
+
+
+# Device ids and generations named in a deployment's audit entry; beyond that, the count
+# and a digest of the whole mapping (the entry stays small whatever the fleet's size).
+AUDIT_DEVICES_SHOWN = 200
+
+
+def _deploy_details(bundle: BundleRef, generations: dict[str, int], allow_unknown: bool
+                    ) -> dict:
+    shown = dict(list(generations.items())[:AUDIT_DEVICES_SHOWN])
+    details: dict = {"bundle": bundle.name, "version": bundle.version,
+                     "device_count": len(generations), "generations": shown,
+                     "allow_unknown": allow_unknown}
+    if len(shown) < len(generations):
+        details["generations_sha256"] = hashlib.sha256(json.dumps(
+            generations, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return details

@@ -316,3 +316,93 @@ class HeartbeatRow(HeartbeatFigures):
     received_at: datetime
 
     _utc = field_validator("sent_at", "received_at")(_as_utc)
+
+
+# The database refuses to change or remove audit entries where it can. An attacker with
+# the database's owner rights drops these triggers first: verification never relies on them.
+_AUDIT_APPEND_ONLY_DDL: dict[str, tuple[str, ...]] = {
+    "sqlite": tuple(
+        f"CREATE TRIGGER IF NOT EXISTS audit_entry_no_{op.lower()} BEFORE {op} ON audit_entry "
+        "BEGIN SELECT RAISE(ABORT, 'audit entries are append-only'); END"
+        for op in ("UPDATE", "DELETE")
+    ),
+    "postgresql": (
+        "CREATE OR REPLACE FUNCTION audit_entry_append_only() RETURNS trigger "
+        "LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION USING MESSAGE = 'audit entries are append-only (' "
+        "|| TG_OP || ' refused)'; END $$",
+        "CREATE TRIGGER audit_entry_append_only BEFORE UPDATE OR DELETE ON audit_entry "
+        "FOR EACH ROW EXECUTE FUNCTION audit_entry_append_only()",
+        "CREATE TRIGGER audit_entry_no_truncate BEFORE TRUNCATE ON audit_entry "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_entry_append_only()",
+    ),
+}
+
+
+def _audit_append_only(_table: Any, connection: Any, **_kw: Any) -> None:
+    for statement in _AUDIT_APPEND_ONLY_DDL.get(connection.dialect.name, ()):
+        connection.exec_driver_sql(statement)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One entry of the append-only, hash-chained audit log (see ``fleet.audit``).
+    ``seq`` is assigned by the appender (1, 2, 3, ... without gaps), not by the database:
+    a gap is how a removed entry shows."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (
+        Index("ix_audit_entry_at", "at"),
+        Index("ix_audit_entry_hash", "hash"),
+        {"listeners": [("after_create", _audit_append_only)]},
+    )
+
+    seq: int = Field(primary_key=True, sa_type=BigInteger, sa_column_kwargs={
+        "autoincrement": False})
+    at: datetime = Field(sa_type=_tz())
+    actor: str = Field(max_length=200, index=True)
+    action: str = Field(max_length=64, index=True)
+    subject: str = Field(max_length=256, index=True)
+    reason: str = Field(max_length=1000)
+    details: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class AuditHead(SQLModel, table=True):
+    """The chain's head (one row, id 1): the newest entry's seq and hash. Appenders lock
+    it, so appends are serialised across fleet workers; verification compares it with the
+    newest entry, so removing entries from the end shows too."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int = Field(default=0, sa_type=BigInteger)
+    hash: str = Field(max_length=64)
+
+
+class AuditEntryPublic(SQLModel):
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    reason: str
+    details: dict
+    prev_hash: str
+    hash: str
+
+    _utc = field_validator("at")(_as_utc)
+
+
+class AuditProblemPublic(SQLModel):
+    seq: int | None
+    problem: str
+    detail: str
+
+
+class AuditVerifyPublic(SQLModel):
+    ok: bool
+    entries: int
+    head_seq: int
+    head_hash: str
+    problems: list[AuditProblemPublic]

@@ -2,7 +2,8 @@
 
 A token is ``ef_`` + 43 url-safe characters (256 random bits). The database keeps its
 SHA-256; the plain token exists only in the creator's hands (and, for the first admin
-token, in a 0600 file whose path ``edge-fleet serve`` prints).
+token, in a 0600 file whose path ``edge-fleet serve`` prints). Creating and revoking a
+token are audited (``token.create``, ``token.revoke``) in the same transaction.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from agent.contract import utcnow
+from fleet import audit
 from fleet.errors import NotFoundError
 from fleet.models import ApiToken, Role
 
@@ -40,18 +42,24 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def store_token(session: Session, token: str, *, role: Role, name: str) -> ApiToken:
+def store_token(session: Session, token: str, *, role: Role, name: str, actor: str
+                ) -> ApiToken:
     row = ApiToken(name=name, role=role, token_hash=hash_token(token))
     session.add(row)
+    session.flush()
+    audit.record(session, actor, "token.create", audit.token_actor(row),
+                 f"{role.value} token created", {"role": role.value, "name": name})
     session.commit()
     session.refresh(row)
     return row
 
 
-def create_token(session: Session, *, role: Role, name: str) -> tuple[ApiToken, str]:
-    """Store a new token's hash; return the row and the plain token (shown once)."""
+def create_token(session: Session, *, role: Role, name: str, actor: str
+                 ) -> tuple[ApiToken, str]:
+    """Store a new token's hash; return the row and the plain token (shown once).
+    ``actor`` is who creates it, for the audit log (``cli:alice``)."""
     token = new_token()
-    return store_token(session, token, role=role, name=name), token
+    return store_token(session, token, role=role, name=name, actor=actor), token
 
 
 def authenticate(session: Session, token: str) -> ApiToken | None:
@@ -67,14 +75,18 @@ def list_tokens(session: Session) -> list[ApiToken]:
     return list(session.exec(select(ApiToken).order_by(ApiToken.id)))
 
 
-def revoke_token(session: Session, token_id: int) -> ApiToken:
-    """Revoke a token for good (its row stays, for the record); idempotent."""
+def revoke_token(session: Session, token_id: int, *, actor: str) -> ApiToken:
+    """Revoke a token for good (its row stays, for the record); idempotent (revoking a
+    revoked token changes and records nothing)."""
     row = session.get(ApiToken, token_id)
     if row is None:
         raise NotFoundError(f"no token #{token_id}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.add(row)
+        session.flush()
+        audit.record(session, actor, "token.revoke", audit.token_actor(row),
+                     f"{row.role} token revoked", {"role": row.role, "name": row.name})
         session.commit()
         session.refresh(row)
     return row
@@ -118,5 +130,6 @@ def ensure_admin_token(engine: Engine, token_file: Path) -> bool:
         # The file first: if it cannot be written, no token exists that nobody holds, and
         # the next start tries again.
         _write_private(token_file, token + "\n")
-        store_token(session, token, role=Role.ADMIN, name="initial admin")
+        store_token(session, token, role=Role.ADMIN, name="initial admin",
+                    actor="system:serve")
     return True

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from agent.contract import BundleRef
-from fleet import deployments, registry
+from fleet import audit, deployments, registry
 from fleet.api.deps import (
     ERROR_RESPONSES,
     CurrentToken,
@@ -42,7 +42,7 @@ def deploy(
         publish,
         BundleRef(name=body.bundle, version=body.version),
         body.devices,
-        issued_by=f"token:{token.id}:{token.name}",
+        issued_by=audit.token_actor(token),
         allow_unknown=body.allow_unknown,
     )
     return DeploymentPublic(bundle=body.bundle, version=body.version, generations=generations)

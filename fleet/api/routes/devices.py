@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from fleet import devices, telemetry
+from fleet import audit, devices, telemetry
 from fleet.api.deps import ERROR_RESPONSES, CurrentToken, OperatorToken, SessionDep
 from fleet.models import DeviceEventPublic, DevicePublic, HeartbeatRow, TagsUpdate
 from fleet.selectors import MAX_SELECTOR_CHARS, Selector
@@ -50,9 +50,13 @@ def tag_device(
 
 
 @router.delete("/{device_id}", status_code=204)
-def remove_device(device_id: str, session: SessionDep, _: OperatorToken) -> None:
+def remove_device(device_id: str, session: SessionDep, token: OperatorToken) -> None:
     """Forget a device (row, desired state, events, heartbeats). A device that still runs
     registers again with its next message: revoke its broker account to keep it out."""
+    # Recorded first, committed by remove_device with the removal; an unknown device
+    # commits nothing, so its entry is rolled back with the session.
+    audit.record(session, audit.token_actor(token), "device.remove", f"device:{device_id}",
+                 "removed by operator")
     if not devices.remove_device(session, device_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
 
