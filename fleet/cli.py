@@ -567,6 +567,9 @@ def deploy(
     for device_id, generation in result["generations"].items():  # type: ignore[index]
         console.print(f"{device_id}: {bundle} v{version} (generation {generation})",
                       highlight=False)
+    if not result.get("published", True):  # type: ignore[union-attr]
+        err.print(f"warning: not published yet: {result.get('note')}",  # type: ignore[union-attr]
+                  highlight=False)
 
 
 audit_app = typer.Typer(help="the audit log: who did what, when and why (hash-chained)",

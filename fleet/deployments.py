@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Callable
 
+from sqlalchemy import update
 from sqlmodel import Session, select
 
 from agent.contract import BundleRef, Channel, DesiredState, is_valid_device_id, topic, utcnow
@@ -25,7 +26,7 @@ from fleet.models import Device, DeviceDesired
 from fleet.registry import find_bundle
 from fleet.trust.director import sign_desired
 
-__all__ = ["DeploymentError", "Publisher", "assign"]
+__all__ = ["DeploymentError", "Publisher", "assign", "mark_published"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ def _locked_row(session: Session, device_id: str) -> DeviceDesired:
     row = session.get(DeviceDesired, device_id, with_for_update=True)
     assert row is not None
     return row
+
+
+def mark_published(session: Session, device_ids: list[str], now=None) -> None:
+    """Count a (re)publication of these devices' stored desired states."""
+    now = now or utcnow()
+    for start in range(0, len(device_ids), 1000):
+        chunk = device_ids[start:start + 1000]
+        session.execute(
+            update(DeviceDesired)
+            .where(DeviceDesired.device_id.in_(chunk))  # type: ignore[attr-defined]
+            .values(publish_count=DeviceDesired.publish_count + 1, published_at=now)
+        )
+    session.commit()
 
 
 def _known(session: Session, device_ids: list[str]) -> set[str]:
@@ -103,6 +117,8 @@ def assign(
             issued_at=row.issued_at,
         )
         signed[device_id] = (row.generation, sign_desired(desired, signer))
+        row.payload = signed[device_id][1].decode()
+        row.publish_count, row.published_at = 0, None
     generations = {device_id: generation for device_id, (generation, _) in signed.items()}
     audit.record(
         session, issued_by, "deploy", f"bundle:{bundle.name}:{bundle.version}",
@@ -112,6 +128,7 @@ def assign(
     session.commit()
     for device_id, (_, payload) in signed.items():
         publish(topic(device_id, Channel.DESIRED), payload)
+    mark_published(session, list(signed))
     log.info("deployed %s v%d to %d device(s) by %s", bundle.name, bundle.version,
              len(signed), issued_by)
     return generations

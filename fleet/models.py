@@ -19,6 +19,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    Text,
     UniqueConstraint,
 )
 from sqlmodel import Field, SQLModel
@@ -236,6 +237,11 @@ class DeviceDesired(SQLModel, table=True):
     bundle_version: int | None = None
     issued_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
     issued_by: str = Field(default="", max_length=128)
+    # The signed payload as published, so it can be published again unchanged (same
+    # generation, same signature) when a device has not acknowledged it.
+    payload: str | None = Field(default=None, sa_type=Text)
+    publish_count: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    published_at: datetime | None = Field(default=None, sa_type=_tz())
 
 
 # Pydantic's patterns run on Rust's regex engine, where `$` is the end of the text.
@@ -265,6 +271,10 @@ class DeploymentPublic(BaseModel):
     bundle: str
     version: int
     generations: dict[str, int]
+    # False when the broker was unreachable: the desired states are signed and stored, and
+    # are published (again) by the fleet once it is back; the answer says so.
+    published: bool = True
+    note: str | None = None
 
 
 class DeviceEvent(SQLModel, table=True):

@@ -30,6 +30,7 @@ from fleet.api import create_app
 from fleet.api.routes.device_config import DeviceBroker
 from fleet.data_dir import DataDirLock, local_broker_port
 from fleet.db import init_db, make_engine
+from fleet.desired_resend import resend_unacknowledged
 from fleet.ingest import IngestWorker
 from fleet.local_broker import LocalBroker, free_port
 from fleet.periodic import Periodic
@@ -62,6 +63,21 @@ def _port_taken(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as probe:
         probe.settimeout(2)
         return probe.connect_ex((probe_host, port)) == 0
+
+
+def _resend_desired(engine, ingest: IngestWorker, settings: Settings) -> str | None:
+    if not ingest.link.connected:
+        return None
+
+    def publish(topic_name: str, payload: bytes) -> None:
+        ingest.link.publish(topic_name, payload, qos=1, retain=True)
+
+    with Session(engine) as session:
+        resent = resend_unacknowledged(session, publish, timeout_s=settings.desired_resend_s)
+    if not resent:
+        return None
+    return (f"published the desired state again to {len(resent)} device(s) that had not "
+            f"acknowledged it: {', '.join(resent[:10])}")
 
 
 def _exit_on_signal(_signum: int, _frame: object) -> None:
@@ -250,6 +266,9 @@ def _serve_locked(
         shared=settings.ingest_shared,
     )
     ingest.start()
+    resend = Periodic("resend desired", max(1.0, settings.desired_resend_s / 4),
+                      lambda: _resend_desired(engine, ingest, settings)).start()
+    chores.append(resend)
     device_broker = DeviceBroker.from_urls(broker_url, settings.device_broker_url)
     say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"
         + ("" if device_broker.fixed else " (with the host name they reach the API by)")

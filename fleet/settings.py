@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # subscription; a lone worker subscribes directly, which survives a Mosquitto restart
     # (Mosquitto 2.0 does not restore shared subscriptions: see fleet.ingest).
     ingest_shared: bool = False
+    # An online device that has not acknowledged its desired state this long after it was
+    # published gets it again (the wait doubles each time; at most 5 publications).
+    desired_resend_s: float = Field(default=60.0, gt=0, le=86_400)
     metadata_refresh_s: float = 60.0
     telemetry_retention_days: float = 7.0
 

@@ -36,6 +36,7 @@ def deploy(
     def publish(topic_name: str, payload: bytes) -> None:
         ingest.link.publish(topic_name, payload, qos=1, retain=True)
 
+    connected = ingest.link.connected
     generations = deployments.assign(
         session,
         repository.online_signer("director"),
@@ -45,4 +46,8 @@ def deploy(
         issued_by=audit.token_actor(token),
         allow_unknown=body.allow_unknown,
     )
-    return DeploymentPublic(bundle=body.bundle, version=body.version, generations=generations)
+    note = None if connected else (
+        "the broker is unreachable: the desired states are signed and stored, and are "
+        "published when the fleet is connected again")
+    return DeploymentPublic(bundle=body.bundle, version=body.version, generations=generations,
+                            published=connected, note=note)
