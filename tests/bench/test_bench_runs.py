@@ -65,3 +65,14 @@ def test_simulate_benchmark_prints_its_figures_as_json():
             "rss_mb_per_device_serving"} <= set(figures)
     assert figures["healthy_events"] == 3 and figures["tracebacks"] == 0
     assert figures["simulator_exit"] == 0
+
+
+def test_fanout_benchmark_prints_its_figures_as_json():
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fanout.py"), "--devices", "50"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"floor_per_s", "desired_per_s", "fanout_vs_floor", "gate_eval_10k_s"} <= set(figures)
+    assert figures["devices"] == 50 and figures["desired_per_s"] > 0
