@@ -39,16 +39,25 @@ class DeploymentError(InvalidRequestError):
     reason = "invalid_deployment"
 
 
-def _locked_row(session: Session, device_id: str) -> DeviceDesired:
+def _locked_rows(session: Session, device_ids: list[str]) -> dict[str, DeviceDesired]:
+    """Each device's desired-state row, created if new and locked for this transaction, in
+    id order (two deployments never wait on each other in a cycle). In chunks: one insert
+    and one locking select per thousand devices, not two statements per device."""
     insert = dialect_insert(session)
-    session.execute(
-        insert(DeviceDesired)
-        .values(device_id=device_id, generation=0, issued_at=utcnow(), issued_by="")
-        .on_conflict_do_nothing()
-    )
-    row = session.get(DeviceDesired, device_id, with_for_update=True)
-    assert row is not None
-    return row
+    now = utcnow()
+    rows: dict[str, DeviceDesired] = {}
+    for start in range(0, len(device_ids), 1000):
+        chunk = device_ids[start:start + 1000]
+        session.execute(
+            insert(DeviceDesired).on_conflict_do_nothing(),
+            [{"device_id": d, "generation": 0, "issued_at": now, "issued_by": ""}
+             for d in chunk],
+        )
+        query = (select(DeviceDesired)
+                 .where(DeviceDesired.device_id.in_(chunk))  # type: ignore[attr-defined]
+                 .order_by(DeviceDesired.device_id).with_for_update())
+        rows.update((row.device_id, row) for row in session.exec(query))
+    return rows
 
 
 def mark_published(session: Session, device_ids: list[str], now=None) -> None:
@@ -107,8 +116,10 @@ def assign(
             )
     signed: dict[str, tuple[int, bytes]] = {}
     audit.lock_chain(session)  # the chain before the rows, as every audited change does
-    for device_id in sorted(set(device_ids)):  # a fixed order: no deadlocks between deploys
-        row = _locked_row(session, device_id)
+    ordered = sorted(set(device_ids))  # a fixed order: no deadlocks between deploys
+    locked = _locked_rows(session, ordered)
+    for device_id in ordered:
+        row = locked[device_id]
         row.generation += 1
         row.bundle_name, row.bundle_version = bundle.name, bundle.version
         row.issued_at, row.issued_by = utcnow(), issued_by
