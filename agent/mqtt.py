@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import select
 import socket
 import sys
 import threading
@@ -35,6 +36,48 @@ from paho.mqtt.reasoncodes import ReasonCode
 __all__ = ["BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink", "Will"]
 
 log = logging.getLogger(__name__)
+
+
+class _PollSelect:
+    """``select.select`` for paho's network loop, done with ``poll(2)``.
+
+    ``select(2)`` cannot watch a descriptor numbered 1024 or above (FD_SETSIZE): Python
+    raises ValueError, which paho takes for a lost connection and retries for ever, in
+    silence. A process with many open files (the device simulator: ~10 per device, so from
+    ~100 devices on) would then never connect. ``poll`` has no such ceiling; errors stay
+    those of ``select`` (ValueError for a closed socket's -1, TypeError for None), which is
+    what paho handles. Hang-ups and errors count as readable and writable, as with select.
+    """
+
+    error = OSError
+
+    @staticmethod
+    def select(rlist, wlist, xlist, timeout=None):
+        poller = select.poll()
+        by_fd: dict[int, object] = {}
+        masks: dict[int, int] = {}
+        for items, mask in ((rlist, select.POLLIN), (wlist, select.POLLOUT)):
+            for item in items:
+                fd = item if isinstance(item, int) else item.fileno()
+                if fd < 0:
+                    raise ValueError("file descriptor cannot be a negative integer")
+                by_fd[fd] = item
+                masks[fd] = masks.get(fd, 0) | mask
+        for fd, mask in masks.items():
+            poller.register(fd, mask)
+        ready = poller.poll(None if timeout is None else max(timeout, 0) * 1000)
+        failed = select.POLLERR | select.POLLHUP | select.POLLNVAL
+        readable, writable = [], []
+        for fd, events in ready:
+            if masks[fd] & select.POLLIN and events & (select.POLLIN | failed):
+                readable.append(by_fd[fd])
+            if masks[fd] & select.POLLOUT and events & (select.POLLOUT | failed):
+                writable.append(by_fd[fd])
+        return readable, writable, []
+
+
+if hasattr(select, "poll"):  # not on Windows, where select has no such ceiling
+    paho.select = _PollSelect  # type: ignore[attr-defined]
 
 
 class LinkError(RuntimeError):
