@@ -9,6 +9,10 @@ Order of an install, each step reported as an ``events`` message:
 4. health check: the slot's model is loaded and must reproduce its samples;
 5. ``healthy``: the slots are switched atomically; the new model serves.
 
+A desired bundle that is already active (a newer generation naming it, or an install a
+crash ended after the switch) emits ``healthy`` with ``already_active``: the fleet hears
+once per generation that it is served.
+
 Any failure emits ``failed`` with the error's reason code and leaves ``current`` where it
 was: the previous model never stops serving. A cancelled install (a newer desired state or
 a rollback came first) emits ``cancelled`` instead: nothing was wrong with the bundle.
@@ -132,6 +136,10 @@ class Installer:
         never interrupted: after the health check the install completes.
         """
         if current is not None and current.manifest.ref == ref:
+            # Nothing to install, but the fleet is waiting to hear that this generation is
+            # served: a new generation naming the active bundle, or the one whose install
+            # a crash cut off after the switch (this start loaded and checked it again).
+            self.emit("healthy", bundle=to_data(ref), slot=current.slot, already_active=True)
             return current
         cancel = cancel or Cancel()
         detail: dict[str, Any] = {"bundle": to_data(ref)}

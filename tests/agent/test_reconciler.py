@@ -287,3 +287,21 @@ def test_a_rollback_cancels_an_install_in_progress_and_is_reported(
         with pytest.raises(RollbackRefusedError, match="would go forward"):
             device.reconciler.request_rollback().result(timeout=30)
         assert device.current().manifest.ref == V1
+
+
+def test_a_new_generation_naming_the_active_bundle_is_confirmed_healthy_once(
+    repo_server, make_bundle, tmp_path
+):
+    """Nothing to install, but the fleet must hear that the generation is served (a rollout
+    waits for it): also what a device says after a crash cut an install off after the
+    switch and its restart loaded the new model."""
+    repo_server.publish(make_bundle(version=1))
+    with _device(tmp_path, repo_server.url) as device:
+        device.want(1, V1)
+        wait_until(lambda: device.state.applied_generation == 1, timeout=30, what="v1")
+        device.want(2, V1)
+        wait_until(lambda: device.state.applied_generation == 2, timeout=30, what="gen 2")
+        assert device.names() == ["downloading", "verified", "installed", "healthy", "healthy"]
+        assert device.events[-1][1] == {"bundle": {"name": "detector", "version": 1},
+                                        "slot": device.current().slot, "already_active": True}
+        assert len(device.serving) == 1, "the serving model is not reloaded"

@@ -119,16 +119,21 @@ def test_fifty_simulated_devices_register_update_and_show_each_injected_fault(
 
         # The crashed device restarted on its own state: v2 serving, the desired state it
         # had accepted, a second `started`, and what it sent before the crash not lost.
-        crashed = fleet_server.device(CRASHER)
+        crashed = wait_until(lambda: (d := fleet_server.device(CRASHER))["online"] and d,
+                             timeout=30, what="the crashed device back online")
         assert crashed["online"] and crashed["desired_generation"] == 2
-        events = fleet_server.events(CRASHER)
+        events = wait_until(
+            lambda: (got := fleet_server.events(CRASHER)) and got[-1]["event"] == "healthy"
+            and got, timeout=30, what="the crashed device's confirmation")
         steps = [e["event"] for e in events]
         assert steps.count("started") == 2, steps
         # In seq order: what it sent before the crash reached the fleet (the outbox is on
         # disk), then the restarted daemon, counting on from its stored seq, announced
-        # itself serving v2 (its health check ran at start).
-        assert steps[-4:] == ["downloading", "verified", "installed", "started"], steps
-        assert events[-1]["detail"]["model"] == {"name": "detector", "version": 2}
+        # itself serving v2 (checked again at start) and confirmed the generation.
+        assert steps[-5:] == ["downloading", "verified", "installed", "started", "healthy"], \
+            steps
+        assert events[-2]["detail"]["model"] == {"name": "detector", "version": 2}
+        assert events[-1]["detail"]["already_active"] is True
 
         # Offline: the fleet sees them go (Last Will) and come back.
         _write(faults, {i: {"offline": True} for i in OFFLINE})
