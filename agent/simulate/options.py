@@ -155,9 +155,11 @@ def run_from_args(args: argparse.Namespace, engine: EngineOptions, labels: dict[
             "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: simulator.stop())
+    from agent.errors import TrustError
+
     try:
         simulator.run()
-    except OSError as exc:  # the state root not writable, the fleet unreachable, ...
+    except (OSError, TrustError) as exc:  # state root not writable, fleet unreachable, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -40,6 +40,8 @@ __all__ = ["SimulationConfig", "Simulator", "device_ids"]
 
 log = logging.getLogger(__name__)
 
+SUMMARY_EVERY_S = 30.0
+
 
 def device_ids(prefix: str, count: int) -> list[str]:
     """``sim-0001`` .. ``sim-0500``: zero-padded, so they sort as numbered."""
@@ -166,6 +168,7 @@ class Simulator:
         due: list[tuple[float, int]] = []
         known = 0
         next_poll = 0.0
+        next_summary = time.monotonic() + SUMMARY_EVERY_S
         interval = self.config.interval_s
         while not self._stop.is_set():
             now = time.monotonic()
@@ -185,8 +188,21 @@ class Simulator:
                 _, index = heapq.heappop(due)
                 heapq.heappush(due, (now + interval, index))
                 self._pool.submit(self._beat, self.devices[index])
+            if now >= next_summary:
+                next_summary = now + SUMMARY_EVERY_S
+                log.info("%s", self.summary())
             wait = min(due[0][0] - now if due else 0.1, 0.1)
             self._stop.wait(max(wait, 0.005))
+
+    def summary(self) -> str:
+        """One line: how many devices are connected, serving, offline, crashed so far."""
+        devices = list(self.devices)
+        connected = sum(1 for d in devices if d.daemon is not None and d.daemon.link.connected)
+        serving = sum(1 for d in devices if d.daemon is not None and d.daemon.host.current)
+        offline = sum(1 for d in devices if d.offline)
+        crashes = sum(d.crashes for d in devices)
+        return (f"{len(devices)}/{self.config.devices} devices started, {connected} connected, "
+                f"{serving} serving a model, {offline} offline on purpose, {crashes} crash(es)")
 
     def _beat(self, device: SimDevice) -> None:
         if not device.busy.acquire(blocking=False):
