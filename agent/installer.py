@@ -168,7 +168,10 @@ class Installer:
                 return None
             log.error("install of %s v%d failed: %s", ref.name, ref.version, error,
                       exc_info=error is not exc and not isinstance(exc, OSError))
-            self.emit("failed", **detail, reason=error.reason, detail=str(error))
+            # ``final``: the same bytes would fail again (no retry); else the agent retries,
+            # and a rollout waits for it instead of counting a failed install.
+            self.emit("failed", **detail, reason=error.reason, detail=str(error),
+                      final=bool(getattr(error, "final", False)))
             return None
         self.emit("healthy", **detail, slot=staged)
         log.info("now serving %s v%d from slot %s", ref.name, ref.version, staged)

@@ -668,6 +668,136 @@ def audit_verify(
                       f"{report.head_hash}", highlight=False)
 
 
+rollout_app = typer.Typer(help="staged rollouts: waves, bake times, health gates",
+                          no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+RolloutArgument = Annotated[str, typer.Argument(help="the rollout's id (edge-fleet rollout list)")]
+
+
+@rollout_app.command("create", epilog="Example: edge-fleet rollout create detector --version 4 "
+                                      "--selector 'site=berlin' --waves 1,10%,100% --bake 600")
+def rollout_create(
+    bundle: Annotated[str, typer.Argument(help="bundle name")],
+    version: Annotated[int, typer.Option(help="bundle version")],
+    selector: Annotated[str | None, typer.Option(help="devices whose labels/tags match")] = None,
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", help="a device id (repeatable), instead of --selector")] = None,
+    waves: Annotated[str, typer.Option(help="cumulative wave sizes")] = "1,10%,50%,100%",
+    bake: Annotated[float, typer.Option(help="seconds each wave bakes before the next")] = 300,
+    max_failure_rate: Annotated[float, typer.Option(help="install failures a wave may have")]
+    = 0.1,
+    max_error_rate: Annotated[float, typer.Option(
+        help="model errors per inference (client errors never count)")] = 0.01,
+    max_latency_ratio: Annotated[float, typer.Option(
+        help="p95 latency against the previous version on the same devices")] = 1.5,
+    no_rollback: Annotated[bool, typer.Option(
+        "--no-rollback", help="on a failing gate halt only, without rolling the wave back")]
+    = False,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Start a staged rollout of a published bundle."""
+    body = {"bundle": bundle, "version": version, "selector": selector,
+            "devices": device or None, "waves": waves, "bake_s": bake,
+            "max_install_failure_rate": max_failure_rate, "max_model_error_rate": max_error_rate,
+            "max_latency_ratio": max_latency_ratio, "roll_back_on_failure": not no_rollback}
+    row = _request(url, token, "POST", "/api/v1/rollouts", body)
+    _print_rollout(row)  # type: ignore[arg-type]
+
+
+@rollout_app.command("list", epilog="Example: edge-fleet rollout list --json")
+def rollout_list(
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
+    """The newest rollouts and how far each has come."""
+    rows = _get(url, token, "/api/v1/rollouts")
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = Table("id", "bundle", "status", "wave", "devices", "created by", "created")
+    for row in rows:  # type: ignore[union-attr]
+        table.add_row(row["id"], f"{row['bundle']} v{row['version']}", row["status"],
+                      f"{row['wave']}/{len(row['waves'])}",
+                      str(sum(w["devices"] for w in row["waves"])), row["created_by"],
+                      row["created_at"])
+    console.print(table)
+
+
+@rollout_app.command("status", epilog="Example: edge-fleet rollout status 3f2a9c1d0b7e --watch")
+def rollout_status(
+    rollout_id: RolloutArgument,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+    watch: Annotated[bool, typer.Option(help="refresh every 2 s until it ends (Ctrl-C stops)")]
+    = False,
+) -> None:
+    """Each wave's device states and each gate's value against its threshold."""
+    import time
+
+    while True:
+        row = _get(url, token, f"/api/v1/rollouts/{rollout_id}")
+        if as_json:
+            console.print_json(data=row)
+        else:
+            _print_rollout(row)  # type: ignore[arg-type]
+        if not watch or row["status"] not in ("running", "paused"):  # type: ignore[index]
+            return
+        time.sleep(2)
+        console.clear()
+
+
+def _print_rollout(row: dict) -> None:
+    console.print(f"rollout {row['id']}: {row['bundle']} v{row['version']} {row['status']}, "
+                  f"wave {row['wave']} of {len(row['waves'])}"
+                  + (f" ({row['reason']})" if row.get("reason") else ""), highlight=False)
+    waves = Table("wave", "devices", "states")
+    for wave in row["waves"]:
+        waves.add_row(str(wave["wave"]), str(wave["devices"]),
+                      ", ".join(f"{k} {v}" for k, v in sorted(wave["states"].items())))
+    console.print(waves)
+    gates = Table("gate", "verdict", "value", "threshold", "devices", "detail")
+    for gate in row["gates"]:
+        value = "-" if gate["value"] is None else f"{gate['value']:.4g}"
+        gates.add_row(gate["gate"], gate["verdict"], value, f"{gate['threshold']:g}",
+                      str(gate["devices"]), gate["detail"])
+    console.print(gates)
+
+
+def _rollout_action(action: str, rollout_id: str, reason: str, url: str,
+                    token: str | None) -> None:
+    row = _request(url, token, "POST", f"/api/v1/rollouts/{rollout_id}/{action}",
+                   {"reason": reason})
+    console.print(f"rollout {rollout_id}: {row['status']}", highlight=False)  # type: ignore[index]
+
+
+ReasonOption = Annotated[str, typer.Option(help="why, for the audit log")]
+
+
+@rollout_app.command("pause", epilog="Example: edge-fleet rollout pause 3f2a9c1d0b7e")
+def rollout_pause(rollout_id: RolloutArgument, reason: ReasonOption = "",
+                  url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Stop notifying devices; what was sent stays sent."""
+    _rollout_action("pause", rollout_id, reason, url, token)
+
+
+@rollout_app.command("resume", epilog="Example: edge-fleet rollout resume 3f2a9c1d0b7e")
+def rollout_resume(rollout_id: RolloutArgument, reason: ReasonOption = "",
+                   url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Go on from where the rollout was paused."""
+    _rollout_action("resume", rollout_id, reason, url, token)
+
+
+@rollout_app.command("abort", epilog="Example: edge-fleet rollout abort 3f2a9c1d0b7e "
+                                     "--reason 'wrong bundle'")
+def rollout_abort(rollout_id: RolloutArgument, reason: ReasonOption = "",
+                  url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """End the rollout for good (devices keep what they run; deploy to move them)."""
+    _rollout_action("abort", rollout_id, reason, url, token)
+
+
 def main() -> None:
     os.environ.setdefault("COLUMNS", "120")
     app()

@@ -58,6 +58,7 @@ from agent.contract import (
 )
 from agent.mqtt import BrokerAddress, Inbound, MqttLink
 from fleet import devices, telemetry
+from fleet.rollouts import store as rollout_store
 
 __all__ = ["DIRECT_SUBSCRIPTIONS", "SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
 
@@ -372,7 +373,8 @@ class IngestWorker:
             stored = telemetry.store_heartbeats(session, beats)
             devices.apply_heartbeats(session, beats)
             for event in events:
-                devices.apply_event(session, event)
+                if devices.apply_event(session, event):  # new, not a redelivered copy
+                    rollout_store.on_event(session, event)
             for device_id in {m.device_id for _, m in decoded if m.kind == "drift"}:
                 devices.touch(session, device_id)  # drift is stored by the drift feature
             session.commit()

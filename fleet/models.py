@@ -416,3 +416,45 @@ class AuditVerifyPublic(SQLModel):
     head_seq: int
     head_hash: str
     problems: list[AuditProblemPublic]
+
+
+class Rollout(SQLModel, table=True):
+    """A staged rollout: what goes where, by which policy, and how far it has come. The
+    decisions are ``fleet.rollouts.machine``'s; this row is what a restarted controller
+    continues from."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    bundle_name: str = Field(max_length=128)
+    bundle_version: int
+    selector: str | None = Field(default=None, max_length=1024)
+    policy: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(max_length=32, index=True)
+    wave: int = 0
+    wave_started_at: datetime | None = Field(default=None, sa_type=_tz())
+    created_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    reason: str | None = Field(default=None, max_length=1000)
+    finished_at: datetime | None = Field(default=None, sa_type=_tz())
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device's place and progress in a rollout, and what it measured before the
+    install (the gates judge only what changed since)."""
+
+    __tablename__ = "rollout_device"
+    __table_args__ = (Index("ix_rollout_device_device", "device_id"),)
+
+    rollout_id: str = Field(primary_key=True, max_length=32)
+    device_id: str = Field(primary_key=True, max_length=64)
+    wave: int
+    state: str = Field(max_length=32)
+    notified_at: datetime | None = Field(default=None, sa_type=_tz())
+    redrives: int = 0
+    rolled_back_by_device: bool = False
+    prev_bundle_name: str | None = Field(default=None, max_length=128)
+    prev_bundle_version: int | None = None
+    inferences_at_install: int = Field(default=0, sa_type=BigInteger)
+    model_errors_at_install: int = Field(default=0, sa_type=BigInteger)
+    client_errors_at_install: int = Field(default=0, sa_type=BigInteger)
+    latency_p95_before: float | None = None
+    connection_at_notify: int = Field(default=0, sa_type=BigInteger)

@@ -34,6 +34,7 @@ from fleet.desired_resend import resend_unacknowledged
 from fleet.ingest import IngestWorker
 from fleet.local_broker import LocalBroker, free_port
 from fleet.periodic import Periodic
+from fleet.rollouts import controller as rollout_controller
 from fleet.settings import Settings
 from fleet.tokens import ensure_admin_token
 from fleet.trust.repository import FleetRepository
@@ -63,6 +64,17 @@ def _port_taken(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as probe:
         probe.settimeout(2)
         return probe.connect_ex((probe_host, port)) == 0
+
+
+def _tick_rollouts(engine, ingest: IngestWorker, repository: FleetRepository) -> str | None:
+    if not ingest.link.connected:
+        return None  # decisions wait for the broker: a notification must go out with them
+
+    def publish(topic_name: str, payload: bytes) -> None:
+        ingest.link.publish(topic_name, payload, qos=1, retain=True)
+
+    done = rollout_controller.tick(engine, repository.online_signer("director"), publish)
+    return "; ".join(done) if done else None
 
 
 def _resend_desired(engine, ingest: IngestWorker, settings: Settings) -> str | None:
@@ -269,6 +281,9 @@ def _serve_locked(
     resend = Periodic("resend desired", max(1.0, settings.desired_resend_s / 4),
                       lambda: _resend_desired(engine, ingest, settings)).start()
     chores.append(resend)
+    controller = Periodic("rollout controller", settings.rollout_tick_s,
+                          lambda: _tick_rollouts(engine, ingest, repository)).start()
+    chores.append(controller)
     device_broker = DeviceBroker.from_urls(broker_url, settings.device_broker_url)
     say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"
         + ("" if device_broker.fixed else " (with the host name they reach the API by)")

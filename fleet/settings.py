@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # An online device that has not acknowledged its desired state this long after it was
     # published gets it again (the wait doubles each time; at most 5 publications).
     desired_resend_s: float = Field(default=60.0, gt=0, le=86_400)
+    # How often the rollout controller looks at running rollouts.
+    rollout_tick_s: float = Field(default=2.0, gt=0, le=3600)
     metadata_refresh_s: float = 60.0
     telemetry_retention_days: float = 7.0
 

@@ -8,7 +8,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.engine import Engine
 
 from fleet import __version__
-from fleet.api.routes import audit, bundles, device_config, devices, repo, system
+from fleet.api.routes import audit, bundles, device_config, devices, repo, rollouts, system
 from fleet.api.routes.device_config import DeviceBroker
 from fleet.errors import FleetError
 from fleet.ingest import IngestWorker
@@ -35,6 +35,7 @@ def create_app(
     app.include_router(bundles.router, prefix="/api/v1")
     app.include_router(device_config.router, prefix="/api/v1")
     app.include_router(audit.router, prefix="/api/v1")
+    app.include_router(rollouts.router, prefix="/api/v1")
     app.include_router(repo.router)
     app.add_exception_handler(FleetError, _fleet_error)
     return app

@@ -12,9 +12,10 @@ a broker, replayed from stored state after a crash, and reasoned about in one pl
   ``max_redrives`` times, then marked ``stuck``: stuck devices count as settled, so they
   never hold a rollout beyond its policy;
 * the gates judge the current wave (:mod:`fleet.rollouts.gates`): a failing gate halts the
-  rollout at once, and by default rolls the wave's updated devices back to their previous
-  bundle; a wave advances only when all its devices have settled, every gate passes and
-  its bake time is over. Devices outside the current and earlier waves are never notified.
+  rollout at once, and by default rolls every device the rollout updated (this wave's and
+  earlier ones') back to its previous bundle; a wave advances only when all its devices
+  have settled, every gate passes and its bake time is over. Devices outside the current
+  and earlier waves are never notified.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fleet.rollouts.gates import (
 from fleet.rollouts.waves import DEFAULT_WAVES, WaveSpec
 
 __all__ = [
+    "FINAL_REASONS",
     "SETTLED",
     "TRANSITIONS",
     "Advance",
@@ -122,9 +124,23 @@ def transition(current: DeviceState, new: DeviceState) -> DeviceState:
     return new
 
 
-def state_for_event(event: str) -> DeviceState | None:
-    """The deployment state an agent event means (None: an event that moves nothing)."""
-    return _EVENT_STATES.get(event)
+# Failures the same bytes would repeat (agents before ``final`` was sent name only these).
+FINAL_REASONS = frozenset({"health_check_failed", "hash_mismatch", "too_large",
+                           "unsafe_archive", "bad_manifest"})
+
+
+def state_for_event(event: str, detail: dict | None = None) -> DeviceState | None:
+    """The deployment state an agent event means (None: an event that moves nothing). A
+    failure the agent will retry (a dropped download) is not a failed install: the device
+    is still on its way."""
+    state = _EVENT_STATES.get(event)
+    if state is _S.FAILED:
+        detail = detail or {}
+        final = detail.get("final")
+        if not isinstance(final, bool):
+            final = detail.get("reason") in FINAL_REASONS
+        return _S.FAILED if final else _S.DOWNLOADING
+    return state
 
 
 @dataclass(frozen=True)
@@ -221,9 +237,12 @@ def decide(
         failed = ", ".join(r.gate for r in results if r.verdict is Verdict.FAIL)
         actions.append(Halt(f"wave {view.wave + 1} failed its gates: {failed}", tuple(results)))
         if policy.roll_back_on_failure:
-            updated = tuple(d.device_id for d in wave
-                            if d.state in (_S.HEALTHY, _S.INSTALLED, _S.DOWNLOADING,
-                                           _S.NOTIFIED))
+            # Every device this rollout updated, earlier waves included: they passed
+            # their gates, but the bundle has now shown itself bad.
+            updated = tuple(d.device_id for d in view.devices
+                            if d.wave <= view.wave
+                            and d.state in (_S.HEALTHY, _S.INSTALLED, _S.DOWNLOADING,
+                                            _S.NOTIFIED))
             if updated:
                 actions.append(RollBack(updated))
         return actions

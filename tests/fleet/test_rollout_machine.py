@@ -160,6 +160,12 @@ def test_devices_only_move_forward():
         transition(DeviceState.ROLLED_BACK, DeviceState.NOTIFIED)
     assert state_for_event("healthy") is DeviceState.HEALTHY
     assert state_for_event("started") is None
+    # A failure the agent retries is not a failed install; a final one is.
+    assert state_for_event("failed", {"reason": "download_failed", "final": False}) is (
+        DeviceState.DOWNLOADING)
+    assert state_for_event("failed", {"reason": "health_check_failed", "final": True}) is (
+        DeviceState.FAILED)
+    assert state_for_event("failed", {"reason": "hash_mismatch"}) is DeviceState.FAILED
 
 
 @settings(max_examples=300, deadline=None)
@@ -215,7 +221,7 @@ def test_a_failing_gate_halts_at_once_and_rolls_the_wave_back():
     halt, rollback = actions
     assert isinstance(halt, Halt) and "install_failure_rate" in halt.reason
     assert any(g.gate == "install_failure_rate" and g.value == 0.5 for g in halt.gates)
-    assert rollback == RollBack(("b", "c")), "the wave's updated devices, nobody else"
+    assert rollback == RollBack(("b", "c", "old")), "every updated device, no later wave"
     no_rollback = decide(_view(devices, wave=1, roll_back_on_failure=False), T0)
     assert [type(a) for a in no_rollback] == [Halt]
 

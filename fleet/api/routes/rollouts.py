@@ -1,0 +1,174 @@
+"""Staged rollouts over REST: create, list, show (waves, device states, each gate's current
+value against its threshold), pause, resume, abort. Viewers read; operators act."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Query, status
+from pydantic import BaseModel, Field, field_validator
+from sqlmodel import Session, col, select
+
+from agent.contract import BundleRef
+from fleet import audit
+from fleet.api.deps import ERROR_RESPONSES, CurrentToken, OperatorToken, SessionDep
+from fleet.models import DeviceIdField, Rollout, RolloutDevice
+from fleet.rollouts import store
+from fleet.rollouts.gates import GatePolicy, evaluate
+from fleet.rollouts.machine import Policy, RolloutStatus
+from fleet.rollouts.waves import parse_waves
+
+router = APIRouter(prefix="/rollouts", tags=["rollouts"], responses=ERROR_RESPONSES)
+
+
+class RolloutCreate(BaseModel):
+    bundle: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    version: int = Field(ge=0, lt=2**31)
+    selector: str | None = Field(default=None, max_length=1024,
+                                 description="devices whose labels/tags match, e.g. site=berlin")
+    devices: list[DeviceIdField] | None = Field(default=None, min_length=1, max_length=10_000)
+    waves: str = Field(default="1,10%,50%,100%", max_length=200,
+                       description="cumulative wave sizes: counts or shares")
+    bake_s: float = Field(default=300, ge=0, le=7 * 86_400)
+    max_install_failure_rate: float = Field(default=0.1, ge=0, le=1)
+    max_model_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_latency_ratio: float = Field(default=1.5, gt=0, le=100)
+    max_offline_rate: float = Field(default=0.2, ge=0, le=1)
+    min_devices: int = Field(default=1, ge=1, le=10_000)
+    min_inferences: int = Field(default=20, ge=0, le=10**9)
+    roll_back_on_failure: bool = True
+    stuck_timeout_s: float = Field(default=600, gt=0, le=7 * 86_400)
+    max_redrives: int = Field(default=2, ge=0, le=20)
+    notify_per_minute: int | None = Field(default=None, ge=1, le=10**6)
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, value: str) -> str:
+        parse_waves(value)  # ValueError -> a 422 naming the field
+        return value
+
+    def policy(self) -> Policy:
+        return Policy(
+            waves=parse_waves(self.waves), bake_s=self.bake_s,
+            gates=GatePolicy(
+                max_install_failure_rate=self.max_install_failure_rate,
+                max_model_error_rate=self.max_model_error_rate,
+                max_latency_ratio=self.max_latency_ratio,
+                max_offline_rate=self.max_offline_rate,
+                min_devices=self.min_devices, min_inferences=self.min_inferences),
+            roll_back_on_failure=self.roll_back_on_failure,
+            stuck_timeout_s=self.stuck_timeout_s, max_redrives=self.max_redrives,
+            notify_per_minute=self.notify_per_minute,
+        )
+
+
+class WavePublic(BaseModel):
+    wave: int
+    devices: int
+    states: dict[str, int]
+
+
+class GatePublic(BaseModel):
+    gate: str
+    verdict: str
+    value: float | None
+    threshold: float
+    devices: int
+    detail: str
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    bundle: str
+    version: int
+    selector: str | None
+    status: str
+    wave: int  # 1-based, the wave in progress (or where it ended)
+    waves: list[WavePublic]
+    gates: list[GatePublic]  # the current wave, now
+    policy: dict
+    created_by: str
+    created_at: datetime
+    reason: str | None
+    finished_at: datetime | None
+
+
+class StatusChange(BaseModel):
+    reason: str = Field(default="", max_length=500)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _public(session: Session, rollout: Rollout) -> RolloutPublic:
+    rows = session.exec(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id)).all()
+    per_wave: dict[int, Counter[str]] = {}
+    for row in rows:
+        per_wave.setdefault(row.wave, Counter())[row.state] += 1
+    view = store.load_view(session, rollout)
+    figures = [d.figures for d in view.devices if d.wave == view.wave and d.figures]
+    _, results = evaluate(figures, view.policy.gates)
+    return RolloutPublic(
+        id=rollout.id, bundle=rollout.bundle_name, version=rollout.bundle_version,
+        selector=rollout.selector, status=rollout.status, wave=rollout.wave + 1,
+        waves=[WavePublic(wave=w + 1, devices=sum(c.values()), states=dict(c))
+               for w, c in sorted(per_wave.items())],
+        gates=[GatePublic(gate=r.gate, verdict=r.verdict.value, value=r.value,
+                          threshold=r.threshold, devices=r.devices, detail=r.detail)
+               for r in results],
+        policy=rollout.policy, created_by=rollout.created_by,
+        created_at=_utc(rollout.created_at), reason=rollout.reason,
+        finished_at=_utc(rollout.finished_at),
+    )
+
+
+@router.post("", response_model=RolloutPublic, status_code=status.HTTP_201_CREATED)
+def create(body: RolloutCreate, session: SessionDep, token: OperatorToken) -> RolloutPublic:
+    """Start a staged rollout of a published bundle to a selector's devices (or listed
+    ids): waves, bake time, health gates; halted and rolled back by default on a failing
+    gate."""
+    rollout = store.create_rollout(
+        session, BundleRef(name=body.bundle, version=body.version), body.policy(),
+        audit.token_actor(token), selector=body.selector, device_ids=body.devices)
+    return _public(session, rollout)
+
+
+@router.get("", response_model=list[RolloutPublic])
+def list_rollouts(
+    session: SessionDep, _: CurrentToken, limit: int = Query(default=50, ge=1, le=500),
+) -> list[RolloutPublic]:
+    rows = session.exec(select(Rollout).order_by(col(Rollout.created_at).desc()).limit(limit))
+    return [_public(session, rollout) for rollout in rows]
+
+
+@router.get("/{rollout_id}", response_model=RolloutPublic)
+def show(rollout_id: str, session: SessionDep, _: CurrentToken) -> RolloutPublic:
+    return _public(session, store.get_rollout(session, rollout_id))
+
+
+def _change(rollout_id: str, new: RolloutStatus, body: StatusChange | None,
+            session: Session, token) -> RolloutPublic:
+    reason = (body.reason if body else "") or f"by {token.name}"
+    rollout = store.set_status(session, rollout_id, new, audit.token_actor(token), reason)
+    return _public(session, rollout)
+
+
+@router.post("/{rollout_id}/pause", response_model=RolloutPublic)
+def pause(rollout_id: str, session: SessionDep, token: OperatorToken,
+          body: StatusChange | None = None) -> RolloutPublic:
+    return _change(rollout_id, RolloutStatus.PAUSED, body, session, token)
+
+
+@router.post("/{rollout_id}/resume", response_model=RolloutPublic)
+def resume(rollout_id: str, session: SessionDep, token: OperatorToken,
+           body: StatusChange | None = None) -> RolloutPublic:
+    return _change(rollout_id, RolloutStatus.RUNNING, body, session, token)
+
+
+@router.post("/{rollout_id}/abort", response_model=RolloutPublic)
+def abort(rollout_id: str, session: SessionDep, token: OperatorToken,
+          body: StatusChange | None = None) -> RolloutPublic:
+    return _change(rollout_id, RolloutStatus.ABORTED, body, session, token)

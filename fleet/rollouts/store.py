@@ -1,0 +1,252 @@
+"""Rollouts in the database: creating one, reading it back as the machine's view, and
+moving its devices along as their events arrive.
+
+Everything a restarted controller needs is in the ``rollout`` and ``rollout_device`` rows:
+the wave in progress and when it started, each device's wave (fixed at creation, by
+``fleet.rollouts.waves``), state, notification time and re-drives, and the figures it
+showed before its install, which the gates compare with what it shows after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from sqlmodel import Session, col, select
+
+from agent.contract import BundleRef, EventMessage, utcnow
+from fleet import audit, devices
+from fleet.errors import InvalidRequestError, NotFoundError, UnknownDevicesError
+from fleet.models import Device, Rollout, RolloutDevice
+from fleet.registry import find_bundle
+from fleet.rollouts.gates import DeviceFigures, GatePolicy
+from fleet.rollouts.machine import (
+    DeviceState,
+    DeviceView,
+    Policy,
+    RolloutStatus,
+    RolloutView,
+    TransitionError,
+    state_for_event,
+    transition,
+)
+from fleet.rollouts.waves import assign_waves, parse_waves
+from fleet.selectors import Selector
+
+__all__ = [
+    "ACTIVE",
+    "RolloutStateError",
+    "active_rollout_of",
+    "create_rollout",
+    "get_rollout",
+    "load_view",
+    "on_event",
+    "policy_from_dict",
+    "policy_to_dict",
+    "set_status",
+]
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (RolloutStatus.RUNNING.value, RolloutStatus.PAUSED.value,
+          RolloutStatus.AWAITING_APPROVAL.value)
+
+
+class RolloutStateError(InvalidRequestError):
+    """An operator action the rollout's status does not allow (resume a completed one)."""
+
+    reason = "rollout_state"
+
+
+def policy_to_dict(policy: Policy) -> dict:
+    return {
+        "waves": [str(w) for w in policy.waves], "bake_s": policy.bake_s,
+        "gates": dataclasses.asdict(policy.gates),
+        "roll_back_on_failure": policy.roll_back_on_failure,
+        "stuck_timeout_s": policy.stuck_timeout_s, "max_redrives": policy.max_redrives,
+        "notify_per_minute": policy.notify_per_minute,
+    }
+
+
+def policy_from_dict(data: dict) -> Policy:
+    return Policy(
+        waves=parse_waves(",".join(data["waves"])), bake_s=float(data["bake_s"]),
+        gates=GatePolicy(**data["gates"]),
+        roll_back_on_failure=bool(data["roll_back_on_failure"]),
+        stuck_timeout_s=float(data["stuck_timeout_s"]), max_redrives=int(data["max_redrives"]),
+        notify_per_minute=data.get("notify_per_minute"),
+    )
+
+
+def create_rollout(
+    session: Session,
+    bundle: BundleRef,
+    policy: Policy,
+    actor: str,
+    selector: str | None = None,
+    device_ids: list[str] | None = None,
+) -> Rollout:
+    """Target the devices (a selector, or ids the fleet knows), place each in its wave, and
+    start. A device already in another active rollout is refused by name: two rollouts
+    steering one device would undo each other."""
+    if find_bundle(session, bundle.name, bundle.version) is None:
+        raise NotFoundError(f"no published bundle {bundle.name} v{bundle.version}")
+    if (selector is None) == (device_ids is None):
+        raise InvalidRequestError("give a selector or device ids, not both")
+    if selector is not None:
+        parsed = Selector.parse(selector)
+        targets = [d.id for d in devices.matching(session, parsed)]
+        selector = str(parsed)
+    else:
+        assert device_ids is not None
+        known = {d.id for d in session.exec(select(Device).where(
+            col(Device.id).in_(sorted(set(device_ids)))))}
+        unknown = sorted(set(device_ids) - known)
+        if unknown:
+            raise UnknownDevicesError(f"unknown devices: {', '.join(unknown[:20])}")
+        targets = sorted(known)
+    if not targets:
+        raise InvalidRequestError(f"no device matches {selector or device_ids!r}")
+    busy = session.exec(
+        select(RolloutDevice.device_id).join(Rollout, col(Rollout.id) == col(
+            RolloutDevice.rollout_id))
+        .where(col(Rollout.status).in_(ACTIVE))
+        .where(col(RolloutDevice.device_id).in_(targets))
+    ).all()
+    if busy:
+        raise RolloutStateError(
+            f"already in an active rollout: {', '.join(sorted(busy)[:20])}")
+    rollout_id = uuid.uuid4().hex[:12]
+    audit.lock_chain(session)
+    rollout = Rollout(
+        id=rollout_id, bundle_name=bundle.name, bundle_version=bundle.version,
+        selector=selector, policy=policy_to_dict(policy), status=RolloutStatus.RUNNING.value,
+        wave=0, wave_started_at=utcnow(), created_by=actor,
+    )
+    session.add(rollout)
+    waves = assign_waves(rollout_id, targets, policy.waves)
+    for index, members in enumerate(waves):
+        session.add_all(RolloutDevice(rollout_id=rollout_id, device_id=d, wave=index,
+                                      state=DeviceState.PENDING.value) for d in members)
+    audit.record(session, actor, "rollout.create", f"rollout:{rollout_id}",
+                 f"{bundle.name} v{bundle.version} to {len(targets)} device(s)",
+                 {"bundle": bundle.name, "version": bundle.version, "selector": selector,
+                  "devices": len(targets), "waves": [len(w) for w in waves],
+                  "policy": policy_to_dict(policy)})
+    session.commit()
+    session.refresh(rollout)
+    return rollout
+
+
+def get_rollout(session: Session, rollout_id: str) -> Rollout:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise NotFoundError(f"no rollout {rollout_id!r}")
+    return rollout
+
+
+_VERBS = {RolloutStatus.PAUSED: "pause", RolloutStatus.RUNNING: "resume",
+          RolloutStatus.ABORTED: "abort"}
+_ALLOWED_FROM = {
+    RolloutStatus.PAUSED: {RolloutStatus.RUNNING.value},
+    RolloutStatus.RUNNING: {RolloutStatus.PAUSED.value},
+    RolloutStatus.ABORTED: set(ACTIVE),
+}
+
+
+def set_status(session: Session, rollout_id: str, status: RolloutStatus, actor: str,
+               reason: str) -> Rollout:
+    """An operator's pause, resume or abort, checked against the current status first."""
+    rollout = session.get(Rollout, rollout_id, with_for_update=True)
+    if rollout is None:
+        raise NotFoundError(f"no rollout {rollout_id!r}")
+    verb = _VERBS[status]
+    if rollout.status not in _ALLOWED_FROM[status]:
+        raise RolloutStateError(f"rollout {rollout_id} is {rollout.status}: cannot {verb} it")
+    audit.lock_chain(session)
+    rollout.status = status.value
+    if status is RolloutStatus.ABORTED:
+        rollout.finished_at, rollout.reason = utcnow(), reason
+    session.add(rollout)
+    audit.record(session, actor, f"rollout.{verb}", f"rollout:{rollout_id}", reason,
+                 {"status": status.value})
+    session.commit()
+    session.refresh(rollout)
+    return rollout
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _figures(row: RolloutDevice, device: Device | None) -> DeviceFigures | None:
+    state = DeviceState(row.state)
+    if state in (DeviceState.PENDING, DeviceState.STUCK) or device is None:
+        return None
+    beat = device.heartbeat or {}
+    return DeviceFigures(
+        device_id=row.device_id,
+        installed=state is DeviceState.HEALTHY,
+        failed=state is DeviceState.FAILED,
+        inferences=max(0, int(beat.get("inference_count", 0)) - row.inferences_at_install),
+        model_errors=max(0, int(beat.get("error_count", 0)) - row.model_errors_at_install),
+        client_errors=max(0, int(beat.get("client_error_count", 0))
+                          - row.client_errors_at_install),
+        latency_p95_before=row.latency_p95_before,
+        latency_p95_after=beat.get("latency_ms_p95") if state is DeviceState.HEALTHY
+        else None,
+        went_offline=not device.online or device.connection != row.connection_at_notify,
+    )
+
+
+def load_view(session: Session, rollout: Rollout) -> RolloutView:
+    rows = session.exec(select(RolloutDevice).where(
+        RolloutDevice.rollout_id == rollout.id)).all()
+    by_id = {d.id: d for d in session.exec(select(Device).where(
+        col(Device.id).in_([r.device_id for r in rows if r.wave == rollout.wave])))}
+    views = [DeviceView(r.device_id, r.wave, DeviceState(r.state), _aware(r.notified_at),
+                        r.redrives, _figures(r, by_id.get(r.device_id))) for r in rows]
+    return RolloutView(rollout.id, RolloutStatus(rollout.status),
+                       policy_from_dict(rollout.policy), rollout.wave,
+                       _aware(rollout.wave_started_at), views)
+
+
+def active_rollout_of(session: Session, device_id: str) -> tuple[Rollout, RolloutDevice] | None:
+    found = session.exec(
+        select(Rollout, RolloutDevice)
+        .join(RolloutDevice, col(Rollout.id) == col(RolloutDevice.rollout_id))
+        .where(RolloutDevice.device_id == device_id)
+        .where(col(Rollout.status).in_(ACTIVE))
+    ).first()
+    return (found[0], found[1]) if found else None
+
+
+def on_event(session: Session, message: EventMessage) -> None:
+    """Move the device along in its active rollout, if the event is about that rollout's
+    bundle. A transition the machine does not allow (a late or replayed event) is ignored
+    and logged: the stored state never goes backwards."""
+    state = state_for_event(message.event, message.detail)
+    if state is None:
+        return
+    found = active_rollout_of(session, message.device_id)
+    if found is None:
+        return
+    rollout, row = found
+    about = message.detail.get("from") if state is DeviceState.ROLLED_BACK else (
+        message.detail.get("bundle"))
+    if not isinstance(about, dict) or (about.get("name"), about.get("version")) != (
+            rollout.bundle_name, rollout.bundle_version):
+        return
+    if row.state == DeviceState.PENDING.value:
+        return  # not notified by this rollout: an operator's own deployment
+    try:
+        row.state = transition(DeviceState(row.state), state).value
+    except TransitionError as exc:
+        log.info("rollout %s, device %s: %s (event %s ignored)", rollout.id,
+                 message.device_id, exc, message.event)
+        return
+    if state is DeviceState.ROLLED_BACK:
+        row.rolled_back_by_device = True
+    session.add(row)

@@ -1,0 +1,122 @@
+"""Staged rollouts end to end: simulated devices running the agent's code, a real fleet
+(SQLite and PostgreSQL) with its rollout controller, a real broker.
+
+The only injected thing is the simulator's fault file (a health-check verdict after the
+real check: ``agent/simulate/device.py``). A good bundle goes through every wave; a bundle
+that fails its health check on 30% of devices is halted in the first wave that shows it,
+that wave's updated devices are rolled back, and no device of a later wave ever gets it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.fixtures.processes import console_script, spawn
+from tests.fixtures.waiting import wait_until
+
+COUNT = 20
+IDS = [f"sim-{index:04d}" for index in range(1, COUNT + 1)]
+FAILING = IDS[::3]  # 7 of 20: about a third fail the health check of the bad bundle
+
+
+def _devices(fleet) -> dict[str, dict]:
+    return {d["id"]: d for d in fleet.get("/api/v1/devices").json()}
+
+
+def _active(device: dict) -> int | None:
+    model = device.get("active_model")
+    return model["version"] if model else None
+
+
+def _rollout(fleet, version: int) -> dict:
+    done = fleet.cli("rollout", "create", "detector", "--version", str(version),
+                     "--selector", "site=lab", "--waves", "1,5,100%", "--bake", "2")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(fleet.cli("rollout", "list", "--json").stdout)
+    return listed[0]
+
+
+def _status(fleet, rollout_id: str) -> dict:
+    return fleet.get(f"/api/v1/rollouts/{rollout_id}").json()
+
+
+@pytest.mark.timeout(600)
+def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolled_back(
+    tmp_path, fleet_server, mosquitto, make_bundle
+):
+    for version, seed in ((1, 0), (2, 1), (3, 2)):
+        published = fleet_server.cli("bundle", "publish", str(make_bundle(version=version,
+                                                                         seed=seed).path))
+        assert published.returncode == 0, published.stderr
+    brokers = tmp_path / "brokers.json"
+    brokers.write_text(json.dumps({i: mosquitto.url_for(i) for i in IDS}))
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"devices": {}}))
+    sim = spawn([
+        *console_script("edge-agent"), "simulate", "--devices", str(COUNT),
+        "--fleet", fleet_server.url, "--brokers-file", str(brokers),
+        "--state-root", str(tmp_path / "sim"), "--interval", "1", "--keepalive", "5",
+        "--inferences", "5", "--faults", str(faults), "--label", "site=lab",
+        "--threads", "1",
+    ], tmp_path / "simulate.log", {})
+    try:
+        wait_until(lambda: all((d := _devices(fleet_server).get(i)) and d["online"]
+                               for i in IDS), timeout=90, interval=0.5, what="20 devices")
+
+        # A good bundle (v1 first: every device then has a version to compare with).
+        first = _rollout(fleet_server, 1)
+        done = wait_until(lambda: (s := _status(fleet_server, first["id"]))["status"]
+                          in ("completed", "halted") and s, timeout=180, interval=1,
+                          what="the first rollout to end")
+        assert done["status"] == "completed", done
+        assert [w["devices"] for w in done["waves"]] == [1, 4, 15]
+        assert all(w["states"] == {"healthy": w["devices"]} for w in done["waves"]), done["waves"]
+        assert all(_active(d) == 1 for d in _devices(fleet_server).values())
+        second = _rollout(fleet_server, 2)
+        wait_until(lambda: _status(fleet_server, second["id"])["status"] == "completed",
+                   timeout=180, interval=1, what="the second good rollout")
+
+        # A bad bundle: a third of the devices fail its health check.
+        faults.write_text(json.dumps({"devices": {
+            i: {"fail_health_check": True} for i in FAILING}}))
+        bad = _rollout(fleet_server, 3)
+        halted = wait_until(lambda: (s := _status(fleet_server, bad["id"]))["status"]
+                            in ("completed", "halted") and s, timeout=180, interval=1,
+                            what="the bad rollout to end")
+        assert halted["status"] == "halted", halted
+        assert "install_failure_rate" in halted["reason"]
+        halted_wave = halted["wave"]
+        later = [w for w in halted["waves"] if w["wave"] > halted_wave]
+        assert all(w["states"] == {"pending": w["devices"]} for w in later), halted
+        in_wave = halted["waves"][halted_wave - 1]["states"]
+        assert in_wave.get("failed", 0) >= 1 and "healthy" not in in_wave, in_wave
+
+        # The wave's updated devices go back to v2; nobody outside ever got v3.
+        not_on_v2: dict = {}
+
+        def rolled_back():
+            listed = _devices(fleet_server)
+            not_on_v2.clear()
+            not_on_v2.update({i: (_active(d), d["desired"]) for i, d in listed.items()
+                              if _active(d) != 2})
+            return not not_on_v2
+        try:
+            wait_until(rolled_back, timeout=120, interval=1, what="every device back on v2")
+        except AssertionError:
+            rows = _status(fleet_server, bad["id"])
+            raise AssertionError(f"not on v2: {not_on_v2}; rollout: {rows}") from None
+        audit = json.loads(fleet_server.cli("audit", "list", "--subject",
+                                            f"rollout:{bad['id']}", "--json").stdout)
+        actions = [entry["action"] for entry in audit]
+        assert "rollout.halt" in actions, actions
+        if any(w["states"].get("rolled_back") for w in halted["waves"]):
+            assert "rollout.rollback" in actions, actions
+        halt = next(entry for entry in audit if entry["action"] == "rollout.halt")
+        gate = next(g for g in halt["details"]["gates"] if g["gate"] == "install_failure_rate")
+        assert gate["verdict"] == "fail" and gate["value"] > gate["threshold"]
+        verified = fleet_server.cli("audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    finally:
+        sim.terminate()
