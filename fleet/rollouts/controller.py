@@ -60,7 +60,7 @@ def tick(engine: Engine, signer, publish: Publisher, now: datetime | None = None
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
             if rollout is None or rollout.status != RolloutStatus.RUNNING.value:
                 continue  # another worker finished or paused it meanwhile
-            actions = decide(load_view(session, rollout), now)
+            actions = decide(load_view(session, rollout, now), now)
             for action in actions:
                 done.append(_apply(session, rollout, action, signer, publish, now))
             session.commit()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session, col, select
 
@@ -201,16 +201,18 @@ def _figures(row: RolloutDevice, device: Device | None) -> DeviceFigures | None:
     )
 
 
-def load_view(session: Session, rollout: Rollout) -> RolloutView:
+def load_view(session: Session, rollout: Rollout, now: datetime | None = None) -> RolloutView:
     rows = session.exec(select(RolloutDevice).where(
         RolloutDevice.rollout_id == rollout.id)).all()
     by_id = {d.id: d for d in session.exec(select(Device).where(
         col(Device.id).in_([r.device_id for r in rows if r.wave == rollout.wave])))}
     views = [DeviceView(r.device_id, r.wave, DeviceState(r.state), _aware(r.notified_at),
                         r.redrives, _figures(r, by_id.get(r.device_id))) for r in rows]
+    minute_ago = (now or utcnow()) - timedelta(minutes=1)
+    recent = sum(1 for v in views if v.notified_at is not None and v.notified_at >= minute_ago)
     return RolloutView(rollout.id, RolloutStatus(rollout.status),
                        policy_from_dict(rollout.policy), rollout.wave,
-                       _aware(rollout.wave_started_at), views)
+                       _aware(rollout.wave_started_at), views, notified_last_minute=recent)
 
 
 def active_rollout_of(session: Session, device_id: str) -> tuple[Rollout, RolloutDevice] | None:

@@ -256,3 +256,11 @@ def test_nothing_happens_unless_running():
 def test_an_empty_wave_moves_on():
     assert decide(_view([], wave=1), T0) == [Advance(2, ())]
     assert decide(_view([], wave=3), T0) == [Complete(())]
+
+
+def test_the_rate_limit_counts_what_the_last_minute_already_notified():
+    devices = [_device(f"d{i}", 0, DeviceState.PENDING, notified_at=None) for i in range(10)]
+    view = RolloutView("r1", RolloutStatus.RUNNING,
+                       Policy(bake_s=60, stuck_timeout_s=120, notify_per_minute=4), 0, T0,
+                       devices, notified_last_minute=3)
+    assert decide(view, T0) == [Notify(("d0",))]

@@ -1,0 +1,91 @@
+"""The rollout controller against a real database (SQLite and PostgreSQL) and the real
+signing and assignment code. The broker is replaced by a list of what would have been
+published: that boundary is what this test stands in for (tests/e2e/test_rollouts.py
+publishes for real, to simulated devices)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlmodel import Session, select
+
+from agent.contract import BundleRef, EventMessage, utcnow
+from fleet.db import init_db, make_engine
+from fleet.errors import InvalidRequestError
+from fleet.models import Bundle, Device, RolloutDevice
+from fleet.rollouts import controller, store
+from fleet.rollouts.machine import Policy, RolloutStatus
+from fleet.rollouts.waves import parse_waves
+from fleet.trust.repository import FleetRepository
+
+IDS = [f"cam-{i}" for i in range(5)]
+
+
+@pytest.fixture
+def fleet_db(database_url, tmp_path):
+    engine = make_engine(database_url)
+    init_db(engine)
+    repository = FleetRepository(tmp_path / "data")
+    repository.init()
+    with Session(engine) as session:
+        session.add(Bundle(name="m", version=2, target_name="m-2.bundle", sha256="0" * 64,
+                           size=1, runtime="onnx", manifest={}))
+        session.add_all(Device(id=i, online=True, labels={"site": "lab"}) for i in IDS)
+        session.commit()
+    yield engine, repository.online_signer("director")
+    engine.dispose()
+
+
+def _states(engine) -> dict[str, str]:
+    with Session(engine) as session:
+        return {r.device_id: r.state for r in session.exec(select(RolloutDevice))}
+
+
+def test_notifications_keep_to_the_rate_limit_and_nobody_is_notified_twice(fleet_db):
+    engine, signer = fleet_db
+    policy = Policy(waves=parse_waves("100%"), notify_per_minute=2)
+    with Session(engine) as session:
+        rollout = store.create_rollout(session, BundleRef(name="m", version=2), policy,
+                                       "test", selector="site=lab")
+    published: list[str] = []
+    now = utcnow()
+
+    def publish(name, _payload):
+        published.append(name)
+
+    controller.tick(engine, signer, publish, now)
+    controller.tick(engine, signer, publish, now + timedelta(seconds=2))
+    assert len(published) == 2, "two a minute"
+    controller.tick(engine, signer, publish, now + timedelta(seconds=61))
+    assert len(published) == 4 and len(set(published)) == 4, "nobody twice"
+    assert sorted(_states(engine).values()) == ["notified"] * 4 + ["pending"]
+
+    with Session(engine) as session:  # the device's events move it along
+        for event in ("downloading", "installed", "healthy"):
+            store.on_event(session, EventMessage(
+                device_id=published[0].split("/")[3], seq=len(event), sent_at=utcnow(),
+                event=event, detail={"bundle": {"name": "m", "version": 2}}))
+        session.commit()
+    assert "healthy" in _states(engine).values()
+
+    with Session(engine) as session:
+        paused = store.set_status(session, rollout.id, RolloutStatus.PAUSED, "test", "wait")
+    assert paused.status == "paused"
+    controller.tick(engine, signer, publish, now + timedelta(minutes=5))
+    assert len(published) == 4, "a paused rollout notifies nobody"
+    with Session(engine) as session, pytest.raises(InvalidRequestError, match="cannot pause"):
+        store.set_status(session, rollout.id, RolloutStatus.PAUSED, "test", "again")
+
+
+def test_a_device_in_an_active_rollout_cannot_join_another(fleet_db):
+    engine, _ = fleet_db
+    with Session(engine) as session:
+        store.create_rollout(session, BundleRef(name="m", version=2), Policy(), "test",
+                             device_ids=IDS[:2])
+        with pytest.raises(InvalidRequestError, match="cam-1"):
+            store.create_rollout(session, BundleRef(name="m", version=2), Policy(), "test",
+                                 device_ids=IDS[1:3])
+        with pytest.raises(InvalidRequestError, match="no device matches"):
+            store.create_rollout(session, BundleRef(name="m", version=2), Policy(), "test",
+                                 selector="site=mars")
