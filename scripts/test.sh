@@ -7,4 +7,4 @@ EXTRAS=dev source "$(dirname "$0")/setup.sh"
 echo "==> ruff check"
 .venv/bin/ruff check .
 echo "==> pytest"
-exec .venv/bin/python -m pytest -q -rs "$@"
+exec .venv/bin/python -m pytest -q -rs --durations=20 "$@"
