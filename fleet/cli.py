@@ -798,6 +798,30 @@ def rollout_abort(rollout_id: RolloutArgument, reason: ReasonOption = "",
     _rollout_action("abort", rollout_id, reason, url, token)
 
 
+@rollout_app.command("approve", epilog="Example: edge-fleet rollout approve 3f2a9c1d0b7e "
+                                       "--token $SECOND_PERSONS_TOKEN")
+def rollout_approve(rollout_id: RolloutArgument, url: UrlOption = "http://127.0.0.1:8000",
+                    token: TokenOption = None) -> None:
+    """Start a rollout that reaches a protected group (not with its creator's token)."""
+    row = _request(url, token, "POST", f"/api/v1/rollouts/{rollout_id}/approve")
+    console.print(f"rollout {rollout_id}: {row['status']}", highlight=False)  # type: ignore[index]
+
+
+@rollout_app.command("protect", epilog="Example: edge-fleet rollout protect production "
+                                       "--selector 'ring=prod'")
+def rollout_protect(
+    name: Annotated[str, typer.Argument(help="the group's name")],
+    selector: Annotated[str, typer.Option(help="its devices (labels/tags)")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Protect a group (admin): a rollout reaching any of its devices waits for a second
+    person's approval."""
+    row = _request(url, token, "POST", "/api/v1/groups/protected",
+                   {"name": name, "selector": selector})
+    console.print(f"protected {row['name']}: {row['selector']}", highlight=False)  # type: ignore[index]
+
+
 def main() -> None:
     os.environ.setdefault("COLUMNS", "120")
     app()

@@ -458,3 +458,14 @@ class RolloutDevice(SQLModel, table=True):
     client_errors_at_install: int = Field(default=0, sa_type=BigInteger)
     latency_p95_before: float | None = None
     connection_at_notify: int = Field(default=0, sa_type=BigInteger)
+
+
+class ProtectedGroup(SQLModel, table=True):
+    """Devices a rollout may reach only once a second person approved it."""
+
+    __tablename__ = "protected_group"
+
+    name: str = Field(primary_key=True, max_length=64)
+    selector: str = Field(max_length=1024)
+    created_by: str = Field(max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_tz())

@@ -36,6 +36,7 @@ def create_app(
     app.include_router(device_config.router, prefix="/api/v1")
     app.include_router(audit.router, prefix="/api/v1")
     app.include_router(rollouts.router, prefix="/api/v1")
+    app.include_router(rollouts.groups_router, prefix="/api/v1")
     app.include_router(repo.router)
     app.add_exception_handler(FleetError, _fleet_error)
     return app

@@ -13,13 +13,14 @@ import dataclasses
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 
 from sqlmodel import Session, col, select
 
 from agent.contract import BundleRef, EventMessage, utcnow
 from fleet import audit, devices
-from fleet.errors import InvalidRequestError, NotFoundError, UnknownDevicesError
-from fleet.models import Device, Rollout, RolloutDevice
+from fleet.errors import FleetError, InvalidRequestError, NotFoundError, UnknownDevicesError
+from fleet.models import Device, ProtectedGroup, Rollout, RolloutDevice
 from fleet.registry import find_bundle
 from fleet.rollouts.gates import DeviceFigures, GatePolicy
 from fleet.rollouts.machine import (
@@ -33,18 +34,21 @@ from fleet.rollouts.machine import (
     transition,
 )
 from fleet.rollouts.waves import assign_waves, parse_waves
-from fleet.selectors import Selector
+from fleet.selectors import Selector, effective_labels
 
 __all__ = [
     "ACTIVE",
+    "ApprovalError",
     "RolloutStateError",
     "active_rollout_of",
+    "approve",
     "create_rollout",
     "get_rollout",
     "load_view",
     "on_event",
     "policy_from_dict",
     "policy_to_dict",
+    "protect_group",
     "set_status",
 ]
 
@@ -52,6 +56,13 @@ log = logging.getLogger(__name__)
 
 ACTIVE = (RolloutStatus.RUNNING.value, RolloutStatus.PAUSED.value,
           RolloutStatus.AWAITING_APPROVAL.value)
+
+
+class ApprovalError(FleetError):
+    """The rollout's creator may not approve it."""
+
+    reason = "approval_by_creator"
+    status = HTTPStatus.FORBIDDEN
 
 
 class RolloutStateError(InvalidRequestError):
@@ -118,12 +129,16 @@ def create_rollout(
     if busy:
         raise RolloutStateError(
             f"already in an active rollout: {', '.join(sorted(busy)[:20])}")
+    protected = _protected_groups_of(session, targets)
     rollout_id = uuid.uuid4().hex[:12]
     audit.lock_chain(session)
     rollout = Rollout(
         id=rollout_id, bundle_name=bundle.name, bundle_version=bundle.version,
-        selector=selector, policy=policy_to_dict(policy), status=RolloutStatus.RUNNING.value,
-        wave=0, wave_started_at=utcnow(), created_by=actor,
+        selector=selector, policy=policy_to_dict(policy),
+        status=(RolloutStatus.AWAITING_APPROVAL if protected else RolloutStatus.RUNNING).value,
+        wave=0, wave_started_at=None if protected else utcnow(), created_by=actor,
+        reason=f"awaiting approval: reaches protected {', '.join(protected)}"
+        if protected else None,
     )
     session.add(rollout)
     waves = assign_waves(rollout_id, targets, policy.waves)
@@ -134,7 +149,53 @@ def create_rollout(
                  f"{bundle.name} v{bundle.version} to {len(targets)} device(s)",
                  {"bundle": bundle.name, "version": bundle.version, "selector": selector,
                   "devices": len(targets), "waves": [len(w) for w in waves],
-                  "policy": policy_to_dict(policy)})
+                  "protected": protected, "policy": policy_to_dict(policy)})
+    session.commit()
+    session.refresh(rollout)
+    return rollout
+
+
+def _protected_groups_of(session: Session, targets: list[str]) -> list[str]:
+    """The protected groups any of the targets belongs to."""
+    groups = session.exec(select(ProtectedGroup)).all()
+    if not groups:
+        return []
+    rows = session.exec(select(Device).where(col(Device.id).in_(targets))).all()
+    labels = [effective_labels(d.labels, d.tags) for d in rows]
+    return sorted(g.name for g in groups
+                  if any(Selector.parse(g.selector).matches(each) for each in labels))
+
+
+def protect_group(session: Session, name: str, selector: str, actor: str) -> ProtectedGroup:
+    """Mark a selector's devices as protected: rollouts to them wait for a second person."""
+    group = ProtectedGroup(name=name, selector=str(Selector.parse(selector)), created_by=actor)
+    audit.lock_chain(session)
+    session.merge(group)
+    audit.record(session, actor, "group.protect", f"group:{name}",
+                 f"rollouts to {group.selector} need a second person's approval",
+                 {"selector": group.selector})
+    session.commit()
+    return group
+
+
+def approve(session: Session, rollout_id: str, actor: str, person: str) -> Rollout:
+    """Start a rollout that awaits approval. ``person`` is who approves (a token's name):
+    never the rollout's creator."""
+    rollout = session.get(Rollout, rollout_id, with_for_update=True)
+    if rollout is None:
+        raise NotFoundError(f"no rollout {rollout_id!r}")
+    if rollout.status != RolloutStatus.AWAITING_APPROVAL.value:
+        raise RolloutStateError(f"rollout {rollout_id} is {rollout.status}: nothing to approve")
+    creator = rollout.created_by.split(":", 2)[-1]
+    if person == creator or actor == rollout.created_by:
+        raise ApprovalError(f"rollout {rollout_id} was created by {creator!r}: a second "
+                            "person must approve it")
+    audit.lock_chain(session)
+    rollout.status, rollout.wave_started_at, rollout.reason = (
+        RolloutStatus.RUNNING.value, utcnow(), None)
+    session.add(rollout)
+    audit.record(session, actor, "rollout.approve", f"rollout:{rollout_id}",
+                 f"approved by {person}", {"creator": rollout.created_by})
     session.commit()
     session.refresh(rollout)
     return rollout

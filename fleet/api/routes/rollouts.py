@@ -12,14 +12,15 @@ from sqlmodel import Session, col, select
 
 from agent.contract import BundleRef
 from fleet import audit
-from fleet.api.deps import ERROR_RESPONSES, CurrentToken, OperatorToken, SessionDep
-from fleet.models import DeviceIdField, Rollout, RolloutDevice
+from fleet.api.deps import ERROR_RESPONSES, AdminToken, CurrentToken, OperatorToken, SessionDep
+from fleet.models import DeviceIdField, ProtectedGroup, Rollout, RolloutDevice
 from fleet.rollouts import store
 from fleet.rollouts.gates import GatePolicy, evaluate
 from fleet.rollouts.machine import Policy, RolloutStatus
 from fleet.rollouts.waves import parse_waves
 
 router = APIRouter(prefix="/rollouts", tags=["rollouts"], responses=ERROR_RESPONSES)
+groups_router = APIRouter(prefix="/groups", tags=["rollouts"], responses=ERROR_RESPONSES)
 
 
 class RolloutCreate(BaseModel):
@@ -172,3 +173,35 @@ def resume(rollout_id: str, session: SessionDep, token: OperatorToken,
 def abort(rollout_id: str, session: SessionDep, token: OperatorToken,
           body: StatusChange | None = None) -> RolloutPublic:
     return _change(rollout_id, RolloutStatus.ABORTED, body, session, token)
+
+
+@router.post("/{rollout_id}/approve", response_model=RolloutPublic)
+def approve(rollout_id: str, session: SessionDep, token: OperatorToken) -> RolloutPublic:
+    """Start a rollout that reaches a protected group: a second person's token (another
+    name than the creator's) approves it."""
+    rollout = store.approve(session, rollout_id, audit.token_actor(token), token.name)
+    return _public(session, rollout)
+
+
+class GroupProtect(BaseModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    selector: str = Field(max_length=1024)
+
+
+class GroupPublic(BaseModel):
+    name: str
+    selector: str
+    created_by: str
+
+
+@groups_router.post("/protected", response_model=GroupPublic, status_code=201)
+def protect(body: GroupProtect, session: SessionDep, token: AdminToken) -> GroupPublic:
+    """Protect a selector's devices: a rollout reaching any of them waits for approval."""
+    group = store.protect_group(session, body.name, body.selector, audit.token_actor(token))
+    return GroupPublic(name=group.name, selector=group.selector, created_by=group.created_by)
+
+
+@groups_router.get("/protected", response_model=list[GroupPublic])
+def protected(session: SessionDep, _: CurrentToken) -> list[GroupPublic]:
+    return [GroupPublic(name=g.name, selector=g.selector, created_by=g.created_by)
+            for g in session.exec(select(ProtectedGroup).order_by(ProtectedGroup.name))]
