@@ -267,18 +267,10 @@ def _read_zip(body: bytes, max_bytes: int) -> dict[str, np.ndarray] | None:
 
 def _view_of(data: memoryview, body: bytes, start: int) -> np.ndarray | None:
     """:func:`_view` of a stored member: a view of the request body itself, no copy."""
-    if data[: len(_MAGIC_1_0)] != _MAGIC_1_0 or len(data) < _PREFIX:
+    found = _layout_of(data)
+    if found is None:
         return None
-    end = _PREFIX + int.from_bytes(data[len(_MAGIC_1_0) : _PREFIX], "little")
-    header = bytes(data[_PREFIX:end])
-    layout = _read_layouts.get(header)
-    if layout is None:
-        layout = _parse(header)
-        if layout is None:
-            return None
-        _remember(_read_layouts, header, layout)
-    if len(data) - end != layout.nbytes:
-        return None
+    layout, end = found
     return np.frombuffer(body, dtype=layout.dtype, count=layout.count,
                          offset=start + end).reshape(layout.shape)
 
@@ -337,21 +329,32 @@ def _saved(array: np.ndarray) -> bytes:
 
 
 def _view(body: bytes) -> np.ndarray | None:
-    if not body.startswith(_MAGIC_1_0) or len(body) < _PREFIX:
+    found = _layout_of(body)
+    if found is None:
         return None
-    end = _PREFIX + int.from_bytes(body[len(_MAGIC_1_0) : _PREFIX], "little")
-    header = body[_PREFIX:end]
+    layout, end = found
+    return np.frombuffer(body, dtype=layout.dtype, count=layout.count, offset=end).reshape(
+        layout.shape
+    )
+
+
+def _layout_of(data: bytes | memoryview) -> tuple[_Layout, int] | None:
+    """The layout an ``.npy``'s header (seen before, or parsed now) declares, and where its
+    data starts; None when it is not the exact header ``np.save`` writes, or the data is
+    truncated or followed by more bytes (``np.load`` then names the problem)."""
+    if len(data) < _PREFIX or data[: len(_MAGIC_1_0)] != _MAGIC_1_0:
+        return None
+    end = _PREFIX + int.from_bytes(data[len(_MAGIC_1_0) : _PREFIX], "little")
+    header = bytes(data[_PREFIX:end])
     layout = _read_layouts.get(header)
     if layout is None:
         layout = _parse(header)
         if layout is None:
             return None
         _remember(_read_layouts, header, layout)
-    if len(body) - end != layout.nbytes:
-        return None  # truncated or trailing bytes: np.load names the problem
-    return np.frombuffer(body, dtype=layout.dtype, count=layout.count, offset=end).reshape(
-        layout.shape
-    )
+    if len(data) - end != layout.nbytes:
+        return None
+    return layout, end
 
 
 def _parse(header: bytes) -> _Layout | None:
