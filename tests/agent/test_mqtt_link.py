@@ -9,12 +9,12 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import socket
 from collections.abc import Iterator
 
 import pytest
 
 from agent.mqtt import BrokerAddress, FailureLog, MqttLink
-from fleet.local_broker import free_port
 from tests.fixtures.broker import client_id_for
 from tests.fixtures.waiting import wait_until
 
@@ -24,6 +24,20 @@ _RETRY = re.compile(r"retrying in (\d+) s")
 def _failures(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records
             if r.name == "agent.mqtt" and "reach the broker" in r.getMessage()]
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A port held bound but not listening for the whole test: every connection to it is
+    refused. A port merely freed could be taken meanwhile by another process, or by the
+    kernel as the client's own ephemeral port (a TCP self-connect), and one attempt would
+    then not fail the way the test expects."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    try:
+        yield held.getsockname()[1]
+    finally:
+        held.close()
 
 
 @pytest.fixture
@@ -58,10 +72,10 @@ def test_failure_log_warns_on_the_first_failure_then_at_most_once_a_minute():
 
 
 def test_nothing_listening_is_logged_with_the_address_the_reason_and_the_next_attempt(
-    caplog, link_to
+    caplog, link_to, refusing_port
 ):
     caplog.set_level(logging.DEBUG, logger="agent.mqtt")
-    port = free_port()  # bound and released: nothing listens there
+    port = refusing_port
     link_to(f"mqtt://127.0.0.1:{port}")
     records = wait_until(lambda: (found := _failures(caplog)) and len(found) >= 3 and found,
                          timeout=30, what="three failed attempts logged")
