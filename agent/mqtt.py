@@ -238,6 +238,7 @@ class MqttLink:
         ``session_expiry_s`` keeps our session, subscriptions and unacknowledged messages on
         the broker across a disconnect or restart of this process (needs a stable id)."""
         self.broker = broker
+        self.client_id = client_id
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self._will_factory = will_factory

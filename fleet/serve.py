@@ -34,6 +34,7 @@ from fleet.desired_resend import resend_unacknowledged
 from fleet.ingest import IngestWorker
 from fleet.local_broker import LocalBroker, free_port
 from fleet.periodic import Periodic
+from fleet.publisher import Publisher, publisher_for
 from fleet.rollouts import controller as rollout_controller
 from fleet.settings import Settings
 from fleet.tokens import ensure_admin_token
@@ -66,26 +67,20 @@ def _port_taken(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((probe_host, port)) == 0
 
 
-def _tick_rollouts(engine, ingest: IngestWorker, repository: FleetRepository) -> str | None:
-    if not ingest.link.connected:
+def _tick_rollouts(engine, publisher: Publisher, repository: FleetRepository) -> str | None:
+    if not publisher.connected:
         return None  # decisions wait for the broker: a notification must go out with them
-
-    def publish(topic_name: str, payload: bytes) -> None:
-        ingest.link.publish(topic_name, payload, qos=1, retain=True)
-
-    done = rollout_controller.tick(engine, repository.online_signer("director"), publish)
+    done = rollout_controller.tick(engine, repository.online_signer("director"),
+                                   publisher.publish)
     return "; ".join(done) if done else None
 
 
-def _resend_desired(engine, ingest: IngestWorker, settings: Settings) -> str | None:
-    if not ingest.link.connected:
+def _resend_desired(engine, publisher: Publisher, settings: Settings) -> str | None:
+    if not publisher.connected:
         return None
-
-    def publish(topic_name: str, payload: bytes) -> None:
-        ingest.link.publish(topic_name, payload, qos=1, retain=True)
-
     with Session(engine) as session:
-        resent = resend_unacknowledged(session, publish, timeout_s=settings.desired_resend_s)
+        resent = resend_unacknowledged(session, publisher.publish,
+                                       timeout_s=settings.desired_resend_s)
     if not resent:
         return None
     return (f"published the desired state again to {len(resent)} device(s) that had not "
@@ -278,17 +273,24 @@ def _serve_locked(
         shared=settings.ingest_shared,
     )
     ingest.start()
+    publisher, said = publisher_for(
+        BrokerAddress.parse(broker_url),
+        BrokerAddress.parse(settings.publisher_broker_url)
+        if settings.publisher_broker_url else None,
+        settings.worker_id or f"{socket.gethostname()}-{settings.port}", ingest.link)
+    publisher.start()
+    say(said)
     resend = Periodic("resend desired", max(1.0, settings.desired_resend_s / 4),
-                      lambda: _resend_desired(engine, ingest, settings)).start()
+                      lambda: _resend_desired(engine, publisher, settings)).start()
     chores.append(resend)
     controller = Periodic("rollout controller", settings.rollout_tick_s,
-                          lambda: _tick_rollouts(engine, ingest, repository)).start()
+                          lambda: _tick_rollouts(engine, publisher, repository)).start()
     chores.append(controller)
     device_broker = DeviceBroker.from_urls(broker_url, settings.device_broker_url)
     say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"
         + ("" if device_broker.fixed else " (with the host name they reach the API by)")
         + "; set EDGEFLEET_DEVICE_BROKER_URL if they reach it elsewhere")
-    app = create_app(engine, ingest, repository, device_broker)
+    app = create_app(engine, ingest, repository, device_broker, publisher)
     agent = None
     if local_agent_id is not None:
         agent = _LocalAgent(settings, local_agent_id,
@@ -309,9 +311,10 @@ def _serve_locked(
     finally:
         if agent is not None:
             agent.stop()
-        ingest.stop()
         for chore in chores:
             chore.stop()
+        publisher.stop()
+        ingest.stop()
         if local_broker is not None:
             local_broker.stop()
         engine.dispose()

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str | None = None
     broker_url: str | None = None
+    # An account of its own for publishing desired states (fleet.publisher), when the
+    # broker has accounts: mqtt://edgefleet-fleet-WORKER-publisher:PASSWORD@HOST:PORT.
+    publisher_broker_url: str | None = None
     # The broker address devices are told at enrollment (GET /api/v1/device-config), when
     # it differs from the fleet's own (NAT, another name): mqtt://HOST:PORT, no credentials.
     device_broker_url: str | None = None

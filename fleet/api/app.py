@@ -12,6 +12,7 @@ from fleet.api.routes import audit, bundles, device_config, devices, repo, rollo
 from fleet.api.routes.device_config import DeviceBroker
 from fleet.errors import FleetError
 from fleet.ingest import IngestWorker
+from fleet.publisher import Publisher
 from fleet.trust.repository import FleetRepository
 
 __all__ = ["create_app"]
@@ -22,12 +23,14 @@ def create_app(
     ingest: IngestWorker | None = None,
     repository: FleetRepository | None = None,
     device_broker: DeviceBroker | None = None,
+    publisher: Publisher | None = None,
 ) -> FastAPI:
     # FastAPIOffline: FastAPI with /docs and /redoc whose scripts and styles come from the
     # package, not a CDN: an operator on an offline network still gets the API explorer.
     app = FastAPIOffline(title="edgefleet", version=__version__)
     app.state.engine = engine
     app.state.ingest = ingest
+    app.state.publisher = publisher
     app.state.repository = repository
     app.state.device_broker = device_broker
     app.include_router(system.router)

@@ -17,6 +17,7 @@ from sqlmodel import Session
 from fleet.errors import UnavailableError
 from fleet.ingest import IngestWorker
 from fleet.models import ApiToken, Role
+from fleet.publisher import Publisher, SharedLinkPublisher
 from fleet.tokens import authenticate
 from fleet.trust.repository import FleetRepository
 
@@ -29,6 +30,7 @@ __all__ = [
     "OperatorToken",
     "OptionalIngestDep",
     "OptionalRepositoryDep",
+    "PublisherDep",
     "RepositoryDep",
     "SessionDep",
     "require_role",
@@ -66,6 +68,14 @@ def get_ingest(request: Request) -> IngestWorker:
     return ingest
 
 
+def get_publisher(request: Request) -> Publisher:
+    """Where desired states go out: the fleet's own publisher, else the ingest link."""
+    publisher = getattr(request.app.state, "publisher", None)
+    if publisher is not None:
+        return publisher
+    return SharedLinkPublisher(get_ingest(request).link)
+
+
 def get_repository(request: Request) -> FleetRepository:
     repository = request.app.state.repository
     if repository is None:
@@ -82,6 +92,7 @@ def get_optional_repository(request: Request) -> FleetRepository | None:
 
 
 IngestDep = Annotated[IngestWorker, Depends(get_ingest)]
+PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 RepositoryDep = Annotated[FleetRepository, Depends(get_repository)]
 # For the routes that still answer without one (health, metrics, the open repository).
 OptionalIngestDep = Annotated[IngestWorker | None, Depends(get_optional_ingest)]

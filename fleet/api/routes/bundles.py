@@ -7,8 +7,8 @@ from fleet import audit, deployments, registry
 from fleet.api.deps import (
     ERROR_RESPONSES,
     CurrentToken,
-    IngestDep,
     OperatorToken,
+    PublisherDep,
     RepositoryDep,
     SessionDep,
 )
@@ -28,19 +28,15 @@ def deploy(
     body: DeploymentCreate,
     session: SessionDep,
     token: OperatorToken,
-    ingest: IngestDep,
+    publisher: PublisherDep,
     repository: RepositoryDep,
 ) -> DeploymentPublic:
     """Point devices at a published bundle (signed, retained desired state per device)."""
-
-    def publish(topic_name: str, payload: bytes) -> None:
-        ingest.link.publish(topic_name, payload, qos=1, retain=True)
-
-    connected = ingest.link.connected
+    connected = publisher.connected
     generations = deployments.assign(
         session,
         repository.online_signer("director"),
-        publish,
+        publisher.publish,
         BundleRef(name=body.bundle, version=body.version),
         body.devices,
         issued_by=audit.token_actor(token),

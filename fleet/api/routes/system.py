@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from agent.contract import utcnow
 from fleet import telemetry, tokens
@@ -21,10 +21,12 @@ router = APIRouter()
 
 
 @router.get("/healthz", tags=["system"])
-def healthz(ingest: OptionalIngestDep) -> dict:
+def healthz(ingest: OptionalIngestDep, request: Request) -> dict:
+    publisher = getattr(request.app.state, "publisher", None)
     return {
         "status": "ok",
         "ingest_connected": ingest.link.connected if ingest is not None else None,
+        "publisher_connected": publisher.connected if publisher is not None else None,
     }
 
 
