@@ -42,6 +42,10 @@ __all__ = ["FaultyEngine", "InjectedModelError", "SimDevice", "SimulatedCrash"]
 log = logging.getLogger(__name__)
 
 
+# A request no model takes: an input name the bundle does not have.
+_MALFORMED = {"not-an-input-of-this-model": np.zeros((1,), dtype=np.float32)}
+
+
 class SimulatedCrash(BaseException):
     """Unwinds the reconciler's thread the way a process death would end it: no handler
     of the agent's (they catch ``Exception``) reports it as a failed install."""
@@ -74,11 +78,13 @@ class FaultyEngine:
 class _SimAgent(AgentDaemon):
     """The daemon, serving its models through :class:`FaultyEngine`."""
 
-    faults: Callable[[], DeviceFaults]
+    faults_at: Callable[[int | None], DeviceFaults]
 
     def _swap_model(self, new: LoadedModel) -> None:
         if not isinstance(new.engine, FaultyEngine):
-            new = LoadedModel(new.slot, new.manifest, FaultyEngine(new.engine, self.faults))
+            version = new.manifest.version
+            new = LoadedModel(new.slot, new.manifest, FaultyEngine(
+                new.engine, lambda: self.faults_at(version)))
         super()._swap_model(new)
 
 
@@ -88,14 +94,14 @@ class SimDevice:
     def __init__(
         self,
         config: AgentConfig,
-        faults: DeviceFaults,
+        faults_at: Callable[[int | None], DeviceFaults],
         *,
         on_crash: Callable[[SimDevice], None],
         base_labels: dict[str, str],
     ) -> None:
         self.config = config
         self.device_id = config.device_id
-        self.faults = faults
+        self.faults_at = faults_at  # the faults in force for a bundle version
         self.base_labels = base_labels
         self._on_crash = on_crash
         self.daemon: _SimAgent | None = None
@@ -104,6 +110,13 @@ class SimDevice:
         self.offline = False
         self.busy = threading.Lock()  # one heartbeat (or restart) of a device at a time
         self._inputs: tuple[int, dict[str, np.ndarray] | None] | None = None
+
+    @property
+    def faults(self) -> DeviceFaults:
+        """The faults in force for the bundle serving now."""
+        daemon = self.daemon
+        current = daemon.host.current if daemon is not None else None
+        return self.faults_at(current.manifest.version if current is not None else None)
 
     @property
     def state_dir(self) -> Path:
@@ -116,7 +129,7 @@ class SimDevice:
 
     def start(self) -> None:
         daemon = _SimAgent(self.config)
-        daemon.faults = lambda: self.faults
+        daemon.faults_at = self.faults_at
         daemon.set_labels(self.labels())
         daemon.installer.fault = self._install_fault
         if self.config.fleet_url:
@@ -147,12 +160,13 @@ class SimDevice:
 
     def _install_fault(self, point: str, manifest: BundleManifest) -> None:
         """Installer hook (the reconciler's thread)."""
-        if point == "health_check" and self.faults.fail_health_check:
+        faults = self.faults_at(manifest.version)
+        if point == "health_check" and faults.fail_health_check:
             raise HealthCheckError(
                 f"injected fault: {manifest.name} v{manifest.version} declared unhealthy "
                 "by the simulator (fail_health_check)"
             )
-        if point == "switched" and self.faults.crash_after_install:
+        if point == "switched" and faults.crash_after_install:
             self.crashes += 1
             log.warning("%s crashes after installing %s v%d (simulated)", self.device_id,
                         manifest.name, manifest.version)
@@ -161,13 +175,13 @@ class SimDevice:
 
     # ------------------------------------------------------------------ faults
 
-    def apply(self, faults: DeviceFaults) -> None:
+    def apply(self) -> None:
         """Faults changed: latency and errors apply at the next inference by themselves;
         going offline or coming back and labels are done here."""
-        self.faults = faults
         daemon = self.daemon
         if daemon is None:
             return
+        faults = self.faults
         daemon.set_labels(self.labels())
         if faults.offline and not self.offline:
             self.go_offline()
@@ -204,10 +218,15 @@ class SimDevice:
         inputs = self._inputs_for(daemon, model)
         if inputs is None:
             return
+        client_error_rate = self.faults_at(model.manifest.version).client_error_rate
         for _ in range(count):
-            # Model errors are counted by the host; no model (swapped out): nothing to count.
+            request = inputs
+            if client_error_rate and random.random() < client_error_rate:
+                request = _MALFORMED  # the engine refuses it: counted as a client error
+            # Model and client errors are counted by the host; no model (swapped out):
+            # nothing to count.
             with contextlib.suppress(EngineError, NoModelError):
-                daemon.host.infer(inputs)
+                daemon.host.infer(request)
 
     def _inputs_for(
         self, daemon: AgentDaemon, model: LoadedModel

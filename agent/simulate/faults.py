@@ -9,12 +9,19 @@ The fault file is JSON, written by a test or an operator and re-read whenever it
         "sim-0003": {"fail_health_check": true},
         "sim-0004": {"latency_ms": 40, "error_rate": 0.2, "labels": {"ring": "canary"}},
         "sim-0005": {"crash_after_install": true},
-        "sim-0006": {"offline": true}
+        "sim-0006": {"offline": true},
+        "sim-0007": [{"fail_health_check": true, "only_versions": [3]},
+                     {"latency_ms": 10, "only_versions": [4]}]
       }
     }
 
 A device's faults are the command-line flags, overridden by ``defaults``, overridden by
-its own entry (only the fields given). A file that does not parse, or names an unknown
+its own entry or entries, in order (only the fields given). An entry with
+``only_versions`` applies only to a bundle of one of those versions: the one being
+installed for the health-check and crash faults, the one serving for latency and errors,
+the active one for the rest. That is how a test says "version 3 of the model fails its
+health check on these devices" or "version 4 is twice as slow" without touching the
+bundles themselves. A file that does not parse, or names an unknown
 field or a bad value, is refused as a whole with the reason logged, and the faults in
 force stay as they were: a typo never silently heals every device.
 """
@@ -46,16 +53,31 @@ class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     latency_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
     # Share of inferences that raise a model (runtime) error instead of answering.
     error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    # Share of the synthetic requests sent malformed (a client error, the caller's fault:
+    # the real engine refuses them before running the model).
+    client_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     # The device crashes right after an install switched its slots, then restarts.
     crash_after_install: bool | None = None
     # Off the network (the broker publishes its Last Will) until this is false again.
     offline: bool | None = None
     labels: dict[str, str] | None = None
+    # This entry applies only to bundles of these versions (None: to every bundle).
+    only_versions: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]],
+                             msgspec.Meta(max_length=64)] | None = None
+
+    def applies_to(self, version: int | None) -> bool:
+        return self.only_versions is None or version in self.only_versions
 
 
 class FaultFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     defaults: FaultSpec = msgspec.field(default_factory=FaultSpec)
-    devices: dict[str, FaultSpec] = msgspec.field(default_factory=dict)
+    devices: dict[str, FaultSpec | list[FaultSpec]] = msgspec.field(default_factory=dict)
+
+    def entries_of(self, device_id: str) -> list[FaultSpec]:
+        found = self.devices.get(device_id)
+        if found is None:
+            return []
+        return found if isinstance(found, list) else [found]
 
 
 @dataclass(frozen=True)
@@ -65,13 +87,15 @@ class DeviceFaults:
     fail_health_check: bool = False
     latency_ms: float = 0.0
     error_rate: float = 0.0
+    client_error_rate: float = 0.0
     crash_after_install: bool = False
     offline: bool = False
     labels: dict[str, str] = field(default_factory=dict)
 
     def over(self, spec: FaultSpec) -> DeviceFaults:
         """These faults with what ``spec`` sets replacing them."""
-        given = {name: getattr(spec, name) for name in spec.__struct_fields__}
+        given = {name: getattr(spec, name) for name in spec.__struct_fields__
+                 if name != "only_versions"}
         return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -85,7 +109,10 @@ def parse_fault_file(data: bytes) -> FaultFile:
         raise ValueError(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
-    for where, spec in [("defaults", parsed.defaults), *parsed.devices.items()]:
+    specs = [("defaults", parsed.defaults)] + [
+        (device_id, spec) for device_id in parsed.devices
+        for spec in parsed.entries_of(device_id)]
+    for where, spec in specs:
         if spec.labels is not None:
             try:
                 check_labels(spec.labels)
@@ -103,10 +130,14 @@ class FaultWatch:
         self.current = FaultFile()
         self._seen: tuple[int, int] | None = None
 
-    def faults_for(self, device_id: str) -> DeviceFaults:
-        faults = self.flags.over(self.current.defaults)
-        spec = self.current.devices.get(device_id)
-        return faults.over(spec) if spec is not None else faults
+    def faults_for(self, device_id: str, version: int | None = None) -> DeviceFaults:
+        """The faults in force on a device for a bundle of ``version`` (None: no bundle)."""
+        current = self.current
+        faults = self.flags
+        for spec in (current.defaults, *current.entries_of(device_id)):
+            if spec.applies_to(version):
+                faults = faults.over(spec)
+        return faults
 
     def poll(self) -> bool:
         """Re-read the file if it changed; True if the faults in force changed."""

@@ -70,6 +70,9 @@ def add_arguments(command: argparse.ArgumentParser, state_dir_default: Path) -> 
                          help="latency added to every inference (default 0)")
     command.add_argument("--error-rate", type=float, default=0.0,
                          help="share of inferences raising a model error (default 0)")
+    command.add_argument("--client-error-rate", type=float, default=0.0,
+                         help="share of synthetic requests sent malformed, refused as "
+                         "client errors (default 0)")
     command.add_argument("--crash-after-install", action="store_true",
                          help="every device crashes after each install, then restarts")
 
@@ -92,8 +95,10 @@ def run_from_args(args: argparse.Namespace, engine: EngineOptions, labels: dict[
             return _usage(f"--{name.replace('_', '-')} must be greater than 0")
     if args.inferences < 0 or args.restart_delay < 0 or args.retry <= 0:
         return _usage("--inferences and --restart-delay must be >= 0, --retry > 0")
-    if not 0 <= args.error_rate <= 1 or args.latency_ms < 0:
-        return _usage("--error-rate must be in 0..1 and --latency-ms >= 0")
+    if (not 0 <= args.error_rate <= 1 or not 0 <= args.client_error_rate <= 1
+            or args.latency_ms < 0):
+        return _usage("--error-rate and --client-error-rate must be in 0..1 and "
+                      "--latency-ms >= 0")
     fleet = args.fleet.rstrip("/")
     if not fleet.startswith(("http://", "https://")):
         return _usage(f"--fleet {args.fleet!r}: expected http://HOST:PORT or https://…")
@@ -145,7 +150,8 @@ def run_from_args(args: argparse.Namespace, engine: EngineOptions, labels: dict[
         faults_path=args.faults,
         flag_faults=DeviceFaults(
             fail_health_check=args.fail_health_check, latency_ms=args.latency_ms,
-            error_rate=args.error_rate, crash_after_install=args.crash_after_install,
+            error_rate=args.error_rate, client_error_rate=args.client_error_rate,
+            crash_after_install=args.crash_after_install,
         ),
         retry_initial_s=args.retry,
     ))

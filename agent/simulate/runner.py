@@ -20,6 +20,7 @@ own). Memory per device is then mostly its session and its threads; see bench/si
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import random
@@ -121,7 +122,7 @@ class Simulator:
                 control_socket=False,
                 retry_initial_s=config.retry_initial_s,
             )
-            device = SimDevice(agent_config, self.watch.faults_for(device_id),
+            device = SimDevice(agent_config, functools.partial(self.watch.faults_for, device_id),
                                on_crash=self._crashed_now, base_labels=dict(config.labels or {}))
             device.start()
             self.devices.append(device)
@@ -179,7 +180,7 @@ class Simulator:
                 next_poll = now + 0.5
                 if self.watch.poll():
                     for device in self.devices[:known]:
-                        device.apply(self.watch.faults_for(device.device_id))
+                        device.apply()
             with self._crash_lock:
                 crashed, self._crashed = self._crashed, []
             for device in crashed:
@@ -218,6 +219,6 @@ class Simulator:
         with device.busy:
             try:
                 device.restart_after_crash(self.config.restart_delay_s)
-                device.apply(self.watch.faults_for(device.device_id))
+                device.apply()
             except Exception:
                 log.exception("%s: restart after a simulated crash failed", device.device_id)

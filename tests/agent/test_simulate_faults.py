@@ -57,3 +57,24 @@ def test_fault_file_errors_name_the_field(content, says):
 def test_device_ids_are_zero_padded_to_sort_as_numbered():
     assert device_ids("sim-", 3) == ["sim-0001", "sim-0002", "sim-0003"]
     assert device_ids("d", 12000)[-1] == "d12000"
+
+
+def test_entries_with_only_versions_apply_to_those_bundle_versions_only(tmp_path):
+    path = tmp_path / "faults.json"
+    _write(path, {"defaults": {"latency_ms": 5},
+                  "devices": {"sim-0001": [
+                      {"fail_health_check": True, "only_versions": [3]},
+                      {"latency_ms": 10, "client_error_rate": 0.5, "only_versions": [4, 5]},
+                  ]}}, 1)
+    watch = FaultWatch(path, DeviceFaults())
+    assert watch.poll()
+    assert watch.faults_for("sim-0001", None) == DeviceFaults(latency_ms=5)
+    assert watch.faults_for("sim-0001", 2) == DeviceFaults(latency_ms=5)
+    assert watch.faults_for("sim-0001", 3) == DeviceFaults(latency_ms=5, fail_health_check=True)
+    assert watch.faults_for("sim-0001", 5) == DeviceFaults(latency_ms=10, client_error_rate=0.5)
+    assert watch.faults_for("sim-0002", 3) == DeviceFaults(latency_ms=5)
+
+
+def test_a_version_list_that_is_not_one_is_refused():
+    with pytest.raises(ValueError, match="only_versions"):
+        parse_fault_file(b'{"devices": {"a": {"only_versions": [0]}}}')
