@@ -668,6 +668,12 @@ def audit_verify(
                       f"{report.head_hash}", highlight=False)
 
 
+class OnFailure(enum.StrEnum):
+    ROLLBACK_WAVE = "rollback-wave"
+    ROLLBACK_ALL = "rollback-all"
+    HALT = "halt"
+
+
 rollout_app = typer.Typer(help="staged rollouts: waves, bake times, health gates",
                           no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
@@ -690,9 +696,22 @@ def rollout_create(
         help="model errors per inference (client errors never count)")] = 0.01,
     max_latency_ratio: Annotated[float, typer.Option(
         help="p95 latency against the previous version on the same devices")] = 1.5,
-    no_rollback: Annotated[bool, typer.Option(
-        "--no-rollback", help="on a failing gate halt only, without rolling the wave back")]
-    = False,
+    max_offline_rate: Annotated[float, typer.Option(
+        help="share of a wave's devices gone offline or restarted since their install")]
+    = 0.2,
+    min_devices: Annotated[int, typer.Option(
+        help="devices with an outcome before a gate may judge a wave")] = 1,
+    min_inferences: Annotated[int, typer.Option(
+        help="inferences per device before its errors and latency count")] = 20,
+    stuck_timeout: Annotated[float, typer.Option(
+        help="seconds a notified device may make no progress before it is re-driven")] = 600,
+    max_redrives: Annotated[int, typer.Option(
+        help="re-drives of a silent device before it is reported stuck")] = 2,
+    rate: Annotated[int | None, typer.Option(
+        help="devices notified per minute at most (default: a whole wave at once)")] = None,
+    on_failure: Annotated[OnFailure, typer.Option(
+        help="on a failing gate: roll the wave's updated devices back, every device the "
+        "rollout updated, or halt only")] = OnFailure.ROLLBACK_WAVE,
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
 ) -> None:
@@ -700,7 +719,12 @@ def rollout_create(
     body = {"bundle": bundle, "version": version, "selector": selector,
             "devices": device or None, "waves": waves, "bake_s": bake,
             "max_install_failure_rate": max_failure_rate, "max_model_error_rate": max_error_rate,
-            "max_latency_ratio": max_latency_ratio, "roll_back_on_failure": not no_rollback}
+            "max_latency_ratio": max_latency_ratio, "max_offline_rate": max_offline_rate,
+            "min_devices": min_devices, "min_inferences": min_inferences,
+            "stuck_timeout_s": stuck_timeout, "max_redrives": max_redrives,
+            "notify_per_minute": rate,
+            "roll_back_on_failure": on_failure is not OnFailure.HALT,
+            "roll_back_scope": "all" if on_failure is OnFailure.ROLLBACK_ALL else "wave"}
     row = _request(url, token, "POST", "/api/v1/rollouts", body)
     _print_rollout(row)  # type: ignore[arg-type]
 

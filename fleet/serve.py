@@ -67,11 +67,12 @@ def _port_taken(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((probe_host, port)) == 0
 
 
-def _tick_rollouts(engine, publisher: Publisher, repository: FleetRepository) -> str | None:
+def _tick_rollouts(engine, publisher: Publisher, repository: FleetRepository,
+                   settings: Settings) -> str | None:
     if not publisher.connected:
         return None  # decisions wait for the broker: a notification must go out with them
     done = rollout_controller.tick(engine, repository.online_signer("director"),
-                                   publisher.publish)
+                                   publisher.publish, pickup_every_s=settings.rollout_pickup_s)
     return "; ".join(done) if done else None
 
 
@@ -284,7 +285,7 @@ def _serve_locked(
                       lambda: _resend_desired(engine, publisher, settings)).start()
     chores.append(resend)
     controller = Periodic("rollout controller", settings.rollout_tick_s,
-                          lambda: _tick_rollouts(engine, publisher, repository)).start()
+                          lambda: _tick_rollouts(engine, publisher, repository, settings)).start()
     chores.append(controller)
     device_broker = DeviceBroker.from_urls(broker_url, settings.device_broker_url)
     say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"

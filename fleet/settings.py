@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     desired_resend_s: float = Field(default=60.0, gt=0, le=86_400)
     # How often the rollout controller looks at running rollouts.
     rollout_tick_s: float = Field(default=2.0, gt=0, le=3600)
+    # How often a running rollout looks for devices newly matching its selector.
+    rollout_pickup_s: float = Field(default=10.0, ge=0, le=86_400)
     metadata_refresh_s: float = 60.0
     telemetry_retention_days: float = 7.0
 

@@ -38,7 +38,7 @@ from fleet.rollouts.machine import (
     RolloutStatus,
     decide,
 )
-from fleet.rollouts.store import load_view
+from fleet.rollouts.store import load_view, pick_up_new_matches
 
 __all__ = ["ACTOR", "tick"]
 
@@ -48,7 +48,13 @@ ACTOR = "system:controller"
 Publisher = Callable[[str, bytes], None]
 
 
-def tick(engine: Engine, signer, publish: Publisher, now: datetime | None = None) -> list[str]:
+# When each running rollout last looked for devices newly matching its selector (in this
+# process: after a restart it looks again at once, which is harmless).
+_last_pickup: dict[str, datetime] = {}
+
+
+def tick(engine: Engine, signer, publish: Publisher, now: datetime | None = None,
+         pickup_every_s: float = 10.0) -> list[str]:
     """Advance every running rollout by what is due now; returns what was done."""
     now = now or utcnow()
     with Session(engine) as session:
@@ -60,6 +66,13 @@ def tick(engine: Engine, signer, publish: Publisher, now: datetime | None = None
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
             if rollout is None or rollout.status != RolloutStatus.RUNNING.value:
                 continue  # another worker finished or paused it meanwhile
+            last = _last_pickup.get(rollout_id)
+            if last is None or (now - last).total_seconds() >= pickup_every_s:
+                _last_pickup[rollout_id] = now
+                joined = pick_up_new_matches(session, rollout, ACTOR)
+                if joined:
+                    done.append(f"rollout:{rollout_id}: {len(joined)} device(s) joined "
+                                f"wave {rollout.wave + 1}")
             actions = decide(load_view(session, rollout, now), now)
             for action in actions:
                 done.append(_apply(session, rollout, action, signer, publish, now))

@@ -12,8 +12,9 @@ a broker, replayed from stored state after a crash, and reasoned about in one pl
   ``max_redrives`` times, then marked ``stuck``: stuck devices count as settled, so they
   never hold a rollout beyond its policy;
 * the gates judge the current wave (:mod:`fleet.rollouts.gates`): a failing gate halts the
-  rollout at once, and by default rolls every device the rollout updated (this wave's and
-  earlier ones') back to its previous bundle; a wave advances only when all its devices
+  rollout at once, and by default rolls the wave's updated devices back to their previous
+  bundle (``roll_back_scope="all"``: earlier waves' too, which passed their gates but ran
+  the bundle that has now shown itself bad); a wave advances only when all its devices
   have settled, every gate passes and its bake time is over. Devices outside the current
   and earlier waves are never notified.
 """
@@ -39,6 +40,9 @@ from fleet.rollouts.waves import DEFAULT_WAVES, WaveSpec
 
 __all__ = [
     "FINAL_REASONS",
+    "ROLL_BACK_ALL",
+    "ROLL_BACK_SCOPES",
+    "ROLL_BACK_WAVE",
     "SETTLED",
     "TRANSITIONS",
     "Advance",
@@ -58,6 +62,10 @@ __all__ = [
     "state_for_event",
     "transition",
 ]
+
+
+ROLL_BACK_WAVE, ROLL_BACK_ALL = "wave", "all"
+ROLL_BACK_SCOPES = (ROLL_BACK_WAVE, ROLL_BACK_ALL)
 
 
 class DeviceState(StrEnum):
@@ -149,6 +157,7 @@ class Policy:
     bake_s: float = 300.0
     gates: GatePolicy = field(default_factory=GatePolicy)
     roll_back_on_failure: bool = True
+    roll_back_scope: str = "wave"  # or "all": every device the rollout updated
     stuck_timeout_s: float = 600.0
     max_redrives: int = 2
     notify_per_minute: int | None = None  # None: a whole wave at once
@@ -237,10 +246,10 @@ def decide(
         failed = ", ".join(r.gate for r in results if r.verdict is Verdict.FAIL)
         actions.append(Halt(f"wave {view.wave + 1} failed its gates: {failed}", tuple(results)))
         if policy.roll_back_on_failure:
-            # Every device this rollout updated, earlier waves included: they passed
-            # their gates, but the bundle has now shown itself bad.
+            reach = (range(view.wave + 1) if policy.roll_back_scope == ROLL_BACK_ALL
+                     else (view.wave,))
             updated = tuple(d.device_id for d in view.devices
-                            if d.wave <= view.wave
+                            if d.wave in reach
                             and d.state in (_S.HEALTHY, _S.INSTALLED, _S.DOWNLOADING,
                                             _S.NOTIFIED))
             if updated:

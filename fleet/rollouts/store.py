@@ -46,6 +46,7 @@ __all__ = [
     "get_rollout",
     "load_view",
     "on_event",
+    "pick_up_new_matches",
     "policy_from_dict",
     "policy_to_dict",
     "protect_group",
@@ -76,6 +77,7 @@ def policy_to_dict(policy: Policy) -> dict:
         "waves": [str(w) for w in policy.waves], "bake_s": policy.bake_s,
         "gates": dataclasses.asdict(policy.gates),
         "roll_back_on_failure": policy.roll_back_on_failure,
+        "roll_back_scope": policy.roll_back_scope,
         "stuck_timeout_s": policy.stuck_timeout_s, "max_redrives": policy.max_redrives,
         "notify_per_minute": policy.notify_per_minute,
     }
@@ -86,6 +88,8 @@ def policy_from_dict(data: dict) -> Policy:
         waves=parse_waves(",".join(data["waves"])), bake_s=float(data["bake_s"]),
         gates=GatePolicy(**data["gates"]),
         roll_back_on_failure=bool(data["roll_back_on_failure"]),
+        # Rollouts stored before the scope existed rolled every updated device back.
+        roll_back_scope=data.get("roll_back_scope", "all"),
         stuck_timeout_s=float(data["stuck_timeout_s"]), max_redrives=int(data["max_redrives"]),
         notify_per_minute=data.get("notify_per_minute"),
     )
@@ -153,6 +157,38 @@ def create_rollout(
     session.commit()
     session.refresh(rollout)
     return rollout
+
+
+def pick_up_new_matches(session: Session, rollout: Rollout, actor: str) -> list[str]:
+    """Devices that have come to match a running rollout's selector since it was created
+    (a new device, new labels or tags) join the wave in progress: finished waves are never
+    reopened, and a device in another active rollout is left to it. Returns who joined."""
+    if rollout.selector is None:
+        return []
+    matching = {d.id for d in devices.matching(session, Selector.parse(rollout.selector))}
+    if not matching:
+        return []
+    already = set(session.exec(select(RolloutDevice.device_id).where(
+        RolloutDevice.rollout_id == rollout.id)))
+    candidates = sorted(matching - already)
+    if not candidates:
+        return []
+    busy = set(session.exec(
+        select(RolloutDevice.device_id).join(Rollout, col(Rollout.id) == col(
+            RolloutDevice.rollout_id))
+        .where(col(Rollout.status).in_(ACTIVE))
+        .where(col(RolloutDevice.device_id).in_(candidates))))
+    joining = [d for d in candidates if d not in busy]
+    if not joining:
+        return []
+    session.add_all(RolloutDevice(rollout_id=rollout.id, device_id=d, wave=rollout.wave,
+                                  state=DeviceState.PENDING.value) for d in joining)
+    audit.record(session, actor, "rollout.join", f"rollout:{rollout.id}",
+                 f"{len(joining)} device(s) came to match {rollout.selector}: they join "
+                 f"wave {rollout.wave + 1}",
+                 {"devices": joining[:200], "wave": rollout.wave + 1,
+                  **({"in_another_rollout": sorted(busy)[:200]} if busy else {})})
+    return joining
 
 
 def _protected_groups_of(session: Session, targets: list[str]) -> list[str]:

@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 from agent.contract import BundleRef, EventMessage, utcnow
 from fleet.db import init_db, make_engine
 from fleet.errors import InvalidRequestError
-from fleet.models import Bundle, Device, RolloutDevice
+from fleet.models import AuditEntry, Bundle, Device, RolloutDevice
 from fleet.rollouts import controller, store
 from fleet.rollouts.machine import Policy, RolloutStatus
 from fleet.rollouts.waves import parse_waves
@@ -89,3 +89,46 @@ def test_a_device_in_an_active_rollout_cannot_join_another(fleet_db):
         with pytest.raises(InvalidRequestError, match="no device matches"):
             store.create_rollout(session, BundleRef(name="m", version=2), Policy(), "test",
                                  selector="site=mars")
+
+
+def test_devices_that_come_to_match_a_running_rollout_join_its_wave_in_progress(fleet_db):
+    engine, signer = fleet_db
+    policy = Policy(waves=parse_waves("2,100%"), bake_s=3600)
+    with Session(engine) as session:
+        rollout = store.create_rollout(session, BundleRef(name="m", version=2), policy,
+                                       "test", selector="site=lab")
+    published: list[str] = []
+    now = utcnow()
+    controller.tick(engine, signer, lambda name, _p: published.append(name), now)
+    assert len(published) == 2, "the first wave: two devices"
+
+    with Session(engine) as session:  # a new device, and one relabelled into the selector
+        session.add(Device(id="cam-new", online=True, labels={"site": "lab"}))
+        session.add(Device(id="cam-moved", online=True, labels={"site": "annex"}))
+        session.add(Device(id="cam-busy", online=True, labels={"site": "annex"}))
+        session.commit()
+        elsewhere = store.create_rollout(session, BundleRef(name="m", version=2), policy,
+                                         "test", device_ids=["cam-busy"])
+        moved = session.get(Device, "cam-moved")
+        moved.tags = {"site": "lab"}
+        busy = session.get(Device, "cam-busy")
+        busy.tags = {"site": "lab"}
+        session.add_all([moved, busy])
+        session.commit()
+
+    controller.tick(engine, signer, lambda name, _p: published.append(name),
+                    now + timedelta(seconds=1), pickup_every_s=10)
+    assert "cam-new" not in _states(engine), "not looked for again within pickup_every_s"
+    controller.tick(engine, signer, lambda name, _p: published.append(name),
+                    now + timedelta(seconds=11), pickup_every_s=10)
+    with Session(engine) as session:
+        rows = {r.device_id: r for r in session.exec(select(RolloutDevice).where(
+            RolloutDevice.rollout_id == rollout.id))}
+        joined = {d: rows[d].wave for d in ("cam-new", "cam-moved")}
+        assert joined == {"cam-new": 0, "cam-moved": 0}, "the wave in progress, not a later one"
+        assert "cam-busy" not in rows, f"left to its own rollout {elsewhere.id}"
+        assert rows["cam-new"].state == "notified"
+        entry = session.exec(select(AuditEntry).where(AuditEntry.action == "rollout.join")).one()
+        assert entry.details["devices"] == ["cam-moved", "cam-new"]
+        assert entry.details["in_another_rollout"] == ["cam-busy"]
+    assert sum(p.split("/")[3] == "cam-new" for p in published) == 1

@@ -221,7 +221,9 @@ def test_a_failing_gate_halts_at_once_and_rolls_the_wave_back():
     halt, rollback = actions
     assert isinstance(halt, Halt) and "install_failure_rate" in halt.reason
     assert any(g.gate == "install_failure_rate" and g.value == 0.5 for g in halt.gates)
-    assert rollback == RollBack(("b", "c", "old")), "every updated device, no later wave"
+    assert rollback == RollBack(("b", "c")), "the wave's updated devices, nobody else"
+    everyone = decide(_view(devices, wave=1, roll_back_scope="all"), T0)
+    assert everyone[1] == RollBack(("b", "c", "old")), "every updated device, no later wave"
     no_rollback = decide(_view(devices, wave=1, roll_back_on_failure=False), T0)
     assert [type(a) for a in no_rollback] == [Halt]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Literal
 
 from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field, field_validator
@@ -39,6 +40,9 @@ class RolloutCreate(BaseModel):
     min_devices: int = Field(default=1, ge=1, le=10_000)
     min_inferences: int = Field(default=20, ge=0, le=10**9)
     roll_back_on_failure: bool = True
+    roll_back_scope: Literal["wave", "all"] = Field(
+        default="wave", description="on a failed gate, roll back the failing wave's "
+        "updated devices, or every device the rollout updated")
     stuck_timeout_s: float = Field(default=600, gt=0, le=7 * 86_400)
     max_redrives: int = Field(default=2, ge=0, le=20)
     notify_per_minute: int | None = Field(default=None, ge=1, le=10**6)
@@ -59,6 +63,7 @@ class RolloutCreate(BaseModel):
                 max_offline_rate=self.max_offline_rate,
                 min_devices=self.min_devices, min_inferences=self.min_inferences),
             roll_back_on_failure=self.roll_back_on_failure,
+            roll_back_scope=self.roll_back_scope,
             stuck_timeout_s=self.stuck_timeout_s, max_redrives=self.max_redrives,
             notify_per_minute=self.notify_per_minute,
         )
