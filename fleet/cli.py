@@ -712,6 +712,9 @@ def rollout_create(
     on_failure: Annotated[OnFailure, typer.Option(
         help="on a failing gate: roll the wave's updated devices back, every device the "
         "rollout updated, or halt only")] = OnFailure.ROLLBACK_WAVE,
+    paused: Annotated[bool, typer.Option(
+        "--paused", help="create it paused: look at its waves (rollout status --devices), "
+        "then rollout resume")] = False,
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
 ) -> None:
@@ -724,7 +727,8 @@ def rollout_create(
             "stuck_timeout_s": stuck_timeout, "max_redrives": max_redrives,
             "notify_per_minute": rate,
             "roll_back_on_failure": on_failure is not OnFailure.HALT,
-            "roll_back_scope": "all" if on_failure is OnFailure.ROLLBACK_ALL else "wave"}
+            "roll_back_scope": "all" if on_failure is OnFailure.ROLLBACK_ALL else "wave",
+            "paused": paused}
     row = _request(url, token, "POST", "/api/v1/rollouts", body)
     _print_rollout(row)  # type: ignore[arg-type]
 
@@ -755,39 +759,75 @@ def rollout_status(
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
-    watch: Annotated[bool, typer.Option(help="refresh every 2 s until it ends (Ctrl-C stops)")]
-    = False,
+    watch: Annotated[bool, typer.Option(
+        help="redraw in place every 2 s until the rollout ends (Ctrl-C stops)")] = False,
+    devices: Annotated[bool, typer.Option(
+        "--devices", help="also list each device: its wave, state and re-drives")] = False,
+    state: Annotated[str | None, typer.Option(
+        help="with --devices: only devices in this state (failed, stuck, ...)")] = None,
 ) -> None:
     """Each wave's device states and each gate's value against its threshold."""
     import time
 
-    while True:
+    from rich.live import Live
+
+    def fetch() -> tuple[dict, list[dict] | None]:
         row = _get(url, token, f"/api/v1/rollouts/{rollout_id}")
-        if as_json:
-            console.print_json(data=row)
-        else:
-            _print_rollout(row)  # type: ignore[arg-type]
-        if not watch or row["status"] not in ("running", "paused"):  # type: ignore[index]
-            return
-        time.sleep(2)
-        console.clear()
+        listed = None
+        if devices:
+            listed = _get(url, token, f"/api/v1/rollouts/{rollout_id}/devices"
+                          + (f"?state={state}" if state else ""))
+        return row, listed  # type: ignore[return-value]
+
+    row, listed = fetch()
+    if as_json:
+        console.print_json(data={**row, "devices": listed} if devices else row)
+        return
+    if not watch or row["status"] not in _ROLLOUT_LIVE:
+        console.print(_rollout_view(row, listed))
+        return
+    with Live(_rollout_view(row, listed), console=console, auto_refresh=False) as live:
+        while row["status"] in _ROLLOUT_LIVE:
+            time.sleep(2)
+            row, listed = fetch()
+            live.update(_rollout_view(row, listed), refresh=True)
+
+
+_ROLLOUT_LIVE = ("running", "paused", "awaiting_approval")
 
 
 def _print_rollout(row: dict) -> None:
-    console.print(f"rollout {row['id']}: {row['bundle']} v{row['version']} {row['status']}, "
-                  f"wave {row['wave']} of {len(row['waves'])}"
-                  + (f" ({row['reason']})" if row.get("reason") else ""), highlight=False)
+    console.print(_rollout_view(row, None))
+
+
+def _rollout_view(row: dict, devices: list[dict] | None):
+    """The rollout as the operator reads it: a headline, the waves, the gates, and (asked
+    for) the devices."""
+    from rich.console import Group
+    from rich.text import Text
+
+    headline = Text(f"rollout {row['id']}: {row['bundle']} v{row['version']} {row['status']}, "
+                    f"wave {row['wave']} of {len(row['waves'])}"
+                    + (f" ({row['reason']})" if row.get("reason") else ""))
     waves = Table("wave", "devices", "states")
     for wave in row["waves"]:
         waves.add_row(str(wave["wave"]), str(wave["devices"]),
                       ", ".join(f"{k} {v}" for k, v in sorted(wave["states"].items())))
-    console.print(waves)
     gates = Table("gate", "verdict", "value", "threshold", "devices", "detail")
     for gate in row["gates"]:
         value = "-" if gate["value"] is None else f"{gate['value']:.4g}"
         gates.add_row(gate["gate"], gate["verdict"], value, f"{gate['threshold']:g}",
                       str(gate["devices"]), gate["detail"])
-    console.print(gates)
+    parts: list = [headline, waves, gates]
+    if devices is not None:
+        table = Table("device", "wave", "state", "re-drives", "previous", "notified")
+        for each in devices:
+            table.add_row(each["device_id"], str(each["wave"]), each["state"]
+                          + (" (by itself)" if each["rolled_back_by_device"] else ""),
+                          str(each["redrives"]), each["previous"] or "-",
+                          (each["notified_at"] or "-")[:19])
+        parts.append(table)
+    return Group(*parts)
 
 
 def _rollout_action(action: str, rollout_id: str, reason: str, url: str,

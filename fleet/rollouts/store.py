@@ -102,10 +102,12 @@ def create_rollout(
     actor: str,
     selector: str | None = None,
     device_ids: list[str] | None = None,
+    paused: bool = False,
 ) -> Rollout:
     """Target the devices (a selector, or ids the fleet knows), place each in its wave, and
-    start. A device already in another active rollout is refused by name: two rollouts
-    steering one device would undo each other."""
+    start (``paused``: wait for a resume, so an operator can look at the waves first). A
+    device already in another active rollout is refused by name: two rollouts steering one
+    device would undo each other."""
     if find_bundle(session, bundle.name, bundle.version) is None:
         raise NotFoundError(f"no published bundle {bundle.name} v{bundle.version}")
     if (selector is None) == (device_ids is None):
@@ -136,11 +138,13 @@ def create_rollout(
     protected = _protected_groups_of(session, targets)
     rollout_id = uuid.uuid4().hex[:12]
     audit.lock_chain(session)
+    status = (RolloutStatus.AWAITING_APPROVAL if protected else
+              RolloutStatus.PAUSED if paused else RolloutStatus.RUNNING)
     rollout = Rollout(
         id=rollout_id, bundle_name=bundle.name, bundle_version=bundle.version,
-        selector=selector, policy=policy_to_dict(policy),
-        status=(RolloutStatus.AWAITING_APPROVAL if protected else RolloutStatus.RUNNING).value,
-        wave=0, wave_started_at=None if protected else utcnow(), created_by=actor,
+        selector=selector, policy=policy_to_dict(policy), status=status.value,
+        wave=0, wave_started_at=utcnow() if status is RolloutStatus.RUNNING else None,
+        created_by=actor,
         reason=f"awaiting approval: reaches protected {', '.join(protected)}"
         if protected else None,
     )
@@ -153,7 +157,8 @@ def create_rollout(
                  f"{bundle.name} v{bundle.version} to {len(targets)} device(s)",
                  {"bundle": bundle.name, "version": bundle.version, "selector": selector,
                   "devices": len(targets), "waves": [len(w) for w in waves],
-                  "protected": protected, "policy": policy_to_dict(policy)})
+                  "protected": protected, "paused": paused,
+                  "policy": policy_to_dict(policy)})
     session.commit()
     session.refresh(rollout)
     return rollout
@@ -264,6 +269,8 @@ def set_status(session: Session, rollout_id: str, status: RolloutStatus, actor: 
         raise RolloutStateError(f"rollout {rollout_id} is {rollout.status}: cannot {verb} it")
     audit.lock_chain(session)
     rollout.status = status.value
+    if status is RolloutStatus.RUNNING and rollout.wave_started_at is None:
+        rollout.wave_started_at = utcnow()  # created paused: its first wave starts now
     if status is RolloutStatus.ABORTED:
         rollout.finished_at, rollout.reason = utcnow(), reason
     session.add(rollout)

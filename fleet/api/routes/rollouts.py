@@ -46,6 +46,7 @@ class RolloutCreate(BaseModel):
     stuck_timeout_s: float = Field(default=600, gt=0, le=7 * 86_400)
     max_redrives: int = Field(default=2, ge=0, le=20)
     notify_per_minute: int | None = Field(default=None, ge=1, le=10**6)
+    paused: bool = Field(default=False, description="created paused: starts on resume")
 
     @field_validator("waves")
     @classmethod
@@ -138,7 +139,8 @@ def create(body: RolloutCreate, session: SessionDep, token: OperatorToken) -> Ro
     gate."""
     rollout = store.create_rollout(
         session, BundleRef(name=body.bundle, version=body.version), body.policy(),
-        audit.token_actor(token), selector=body.selector, device_ids=body.devices)
+        audit.token_actor(token), selector=body.selector, device_ids=body.devices,
+        paused=body.paused)
     return _public(session, rollout)
 
 
@@ -160,6 +162,38 @@ def _change(rollout_id: str, new: RolloutStatus, body: StatusChange | None,
     reason = (body.reason if body else "") or f"by {token.name}"
     rollout = store.set_status(session, rollout_id, new, audit.token_actor(token), reason)
     return _public(session, rollout)
+
+
+class RolloutDevicePublic(BaseModel):
+    device_id: str
+    wave: int  # 1-based
+    state: str
+    notified_at: datetime | None
+    redrives: int
+    rolled_back_by_device: bool
+    previous: str | None  # the bundle it ran before (name:version), where a rollback goes
+
+
+@router.get("/{rollout_id}/devices", response_model=list[RolloutDevicePublic])
+def rollout_devices(
+    rollout_id: str, session: SessionDep, _: CurrentToken,
+    wave: int | None = Query(default=None, ge=1, le=20, description="only this wave"),
+    state: str | None = Query(default=None, max_length=32, description="only this state"),
+) -> list[RolloutDevicePublic]:
+    """Each targeted device: its wave and where it is in its deployment."""
+    store.get_rollout(session, rollout_id)
+    query = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)
+    if wave is not None:
+        query = query.where(RolloutDevice.wave == wave - 1)
+    if state is not None:
+        query = query.where(RolloutDevice.state == state)
+    rows = session.exec(query.order_by(col(RolloutDevice.wave), col(RolloutDevice.device_id)))
+    return [RolloutDevicePublic(
+        device_id=r.device_id, wave=r.wave + 1, state=r.state,
+        notified_at=_utc(r.notified_at), redrives=r.redrives,
+        rolled_back_by_device=r.rolled_back_by_device,
+        previous=(f"{r.prev_bundle_name}:{r.prev_bundle_version}"
+                  if r.prev_bundle_name is not None else None)) for r in rows]
 
 
 @router.post("/{rollout_id}/pause", response_model=RolloutPublic)
