@@ -53,6 +53,9 @@ class ModelHost:
             if old is not None and model is not None and old.model is model:
                 return
             self._current = _Lease(model) if model is not None else None
+            # p50/p95 from here on describe the new model alone: a rollout's latency gate
+            # compares them with the previous version's on the same device.
+            self.stats.restart_latencies()
             close_now = old is not None and old.inflight == 0
             if old is not None:
                 old.retired = True

@@ -2,7 +2,8 @@
 
 Memory is bounded whatever the uptime: latencies live in a ring buffer of the last ``window``
 samples, so p50/p95 describe recent behaviour, while the counters cover the whole process
-lifetime. Only successful inferences contribute latencies; a request refused in microseconds
+lifetime; a model swap restarts the latency window, so the percentiles are always the
+serving model's. Only successful inferences contribute latencies; a request refused in microseconds
 would otherwise pull the percentiles down exactly when something is wrong. All methods are
 safe to call from several threads.
 
@@ -44,6 +45,11 @@ class InferenceStats:
                 self._latencies.append(latency_s)
             else:
                 self._errors += 1
+
+    def restart_latencies(self) -> None:
+        """Forget the recent latencies (the model changed); the counters go on."""
+        with self._lock:
+            self._latencies.clear()
 
     def record_client_error(self) -> None:
         """Count one request refused as the caller's mistake (a 4xx): not an inference."""

@@ -66,6 +66,22 @@ def test_an_idle_engine_is_closed_at_the_swap(slots):
     host.close()
 
 
+def test_a_swap_restarts_the_latency_percentiles_and_keeps_the_counters(slots):
+    host = ModelHost()
+    host.swap(_load(slots, 1))
+    for _ in range(5):
+        host.infer(np.zeros((1, 4), np.float32))
+    before = host.stats.snapshot()
+    assert before["inference_count"] == 5 and before["latency_ms_p95"] is not None
+    host.swap(_load(slots, 2))
+    after = host.stats.snapshot()
+    assert after["inference_count"] == 5, "counters cover the process's life"
+    assert after["latency_ms_p95"] is None, "no latency of the new model measured yet"
+    host.infer(np.zeros((1, 4), np.float32))
+    assert host.stats.snapshot()["latency_ms_p95"] is not None
+    host.close()
+
+
 def test_many_swaps_under_concurrent_load_fail_no_request_and_close_every_old_engine(
     slots, tmp_path: Path
 ):
