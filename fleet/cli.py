@@ -699,6 +699,8 @@ def rollout_create(
     max_offline_rate: Annotated[float, typer.Option(
         help="share of a wave's devices gone offline or restarted since their install")]
     = 0.2,
+    offline_grace: Annotated[float, typer.Option(
+        help="seconds a device must be offline before the offline gate counts it")] = 60,
     min_devices: Annotated[int, typer.Option(
         help="devices with an outcome before a gate may judge a wave")] = 1,
     min_inferences: Annotated[int, typer.Option(
@@ -723,6 +725,7 @@ def rollout_create(
             "devices": device or None, "waves": waves, "bake_s": bake,
             "max_install_failure_rate": max_failure_rate, "max_model_error_rate": max_error_rate,
             "max_latency_ratio": max_latency_ratio, "max_offline_rate": max_offline_rate,
+            "offline_grace_s": offline_grace,
             "min_devices": min_devices, "min_inferences": min_inferences,
             "stuck_timeout_s": stuck_timeout, "max_redrives": max_redrives,
             "notify_per_minute": rate,

@@ -458,6 +458,8 @@ class RolloutDevice(SQLModel, table=True):
     client_errors_at_install: int = Field(default=0, sa_type=BigInteger)
     latency_p95_before: float | None = None
     connection_at_notify: int = Field(default=0, sa_type=BigInteger)
+    # The agent's uptime when notified: lower later means its agent restarted since.
+    uptime_at_notify: float | None = None
 
 
 class ProtectedGroup(SQLModel, table=True):

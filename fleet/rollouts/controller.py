@@ -144,6 +144,8 @@ def _notify(session: Session, rollout: Rollout, device_ids: list[str], signer,
         row.latency_p95_before = (beat.get("latency_ms_p95")
                                   if device and device.active_model_name else None)
         row.connection_at_notify = device.connection if device else 0
+        uptime = beat.get("uptime_s")
+        row.uptime_at_notify = float(uptime) if isinstance(uptime, int | float) else None
         if device and device.active_model_name is not None:
             row.prev_bundle_name = device.active_model_name
             row.prev_bundle_version = device.active_model_version

@@ -12,7 +12,9 @@ gate passes, and is halted as soon as one fails.
   buggy local application must not halt a good model;
 * latency: p95 after the install over p95 before it, on the same devices, median over the
   wave (a slow device does not halt a rollout; a slow model does);
-* offline: devices gone offline (or restarted) since their install;
+* offline: devices offline for longer than ``offline_grace_s``, or whose agent restarted
+  (its uptime went back) since their install. A reconnection alone does not count: a
+  broker restart reconnects every device;
 * drift: an interface (:class:`Gate`) the drift tracking fills; absent by default.
 """
 
@@ -47,6 +49,10 @@ class GatePolicy:
     max_model_error_rate: float = 0.01
     max_latency_ratio: float = 1.5
     max_offline_rate: float = 0.2
+    # A device counts as gone offline once it has been silent and offline this long: a
+    # broker restart or a network blip makes every device reconnect, which is nobody's
+    # model's fault. (A restarted agent counts at once: its uptime went back.)
+    offline_grace_s: float = 60.0
     min_devices: int = 1  # devices with a verdict of their own before a gate may judge
     min_inferences: int = 20  # per device, before its errors and latency count
     # Once the bake time is over, a traffic gate (errors, latency) still without enough

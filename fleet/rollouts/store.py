@@ -285,7 +285,21 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
-def _figures(row: RolloutDevice, device: Device | None) -> DeviceFigures | None:
+def _restarted(row: RolloutDevice, beat: dict) -> bool:
+    uptime = beat.get("uptime_s")
+    return (row.uptime_at_notify is not None and isinstance(uptime, int | float)
+            and uptime < row.uptime_at_notify)
+
+
+def _silent_offline(device: Device, now: datetime, grace_s: float) -> bool:
+    if device.online:
+        return False
+    last = _aware(device.last_seen)
+    return last is None or (now - last).total_seconds() >= grace_s
+
+
+def _figures(row: RolloutDevice, device: Device | None, now: datetime,
+             policy: GatePolicy) -> DeviceFigures | None:
     state = DeviceState(row.state)
     if state in (DeviceState.PENDING, DeviceState.STUCK) or device is None:
         return None
@@ -301,21 +315,24 @@ def _figures(row: RolloutDevice, device: Device | None) -> DeviceFigures | None:
         latency_p95_before=row.latency_p95_before,
         latency_p95_after=beat.get("latency_ms_p95") if state is DeviceState.HEALTHY
         else None,
-        went_offline=not device.online or device.connection != row.connection_at_notify,
+        went_offline=_restarted(row, beat)
+        or _silent_offline(device, now, policy.offline_grace_s),
     )
 
 
 def load_view(session: Session, rollout: Rollout, now: datetime | None = None) -> RolloutView:
+    now = now or utcnow()
+    policy = policy_from_dict(rollout.policy)
     rows = session.exec(select(RolloutDevice).where(
         RolloutDevice.rollout_id == rollout.id)).all()
     by_id = {d.id: d for d in session.exec(select(Device).where(
         col(Device.id).in_([r.device_id for r in rows if r.wave == rollout.wave])))}
     views = [DeviceView(r.device_id, r.wave, DeviceState(r.state), _aware(r.notified_at),
-                        r.redrives, _figures(r, by_id.get(r.device_id))) for r in rows]
-    minute_ago = (now or utcnow()) - timedelta(minutes=1)
+                        r.redrives, _figures(r, by_id.get(r.device_id), now, policy.gates))
+             for r in rows]
+    minute_ago = now - timedelta(minutes=1)
     recent = sum(1 for v in views if v.notified_at is not None and v.notified_at >= minute_ago)
-    return RolloutView(rollout.id, RolloutStatus(rollout.status),
-                       policy_from_dict(rollout.policy), rollout.wave,
+    return RolloutView(rollout.id, RolloutStatus(rollout.status), policy, rollout.wave,
                        _aware(rollout.wave_started_at), views, notified_last_minute=recent)
 
 

@@ -132,3 +132,44 @@ def test_devices_that_come_to_match_a_running_rollout_join_its_wave_in_progress(
         assert entry.details["devices"] == ["cam-moved", "cam-new"]
         assert entry.details["in_another_rollout"] == ["cam-busy"]
     assert sum(p.split("/")[3] == "cam-new" for p in published) == 1
+
+
+def test_the_offline_gate_counts_restarts_and_long_silences_not_reconnections(fleet_db):
+    """A broker restart reconnects every device: that alone must not halt a rollout."""
+    engine, signer = fleet_db
+    now = utcnow()
+    with Session(engine) as session:
+        for device in session.exec(select(Device)):
+            device.heartbeat = {"uptime_s": 100.0, "inference_count": 0, "error_count": 0}
+            device.active_model_name, device.active_model_version = "m", 1
+            session.add(device)
+        session.commit()
+        rollout = store.create_rollout(session, BundleRef(name="m", version=2),
+                                       Policy(waves=parse_waves("100%")), "test",
+                                       selector="site=lab")
+    controller.tick(engine, signer, lambda *_: None, now)
+    with Session(engine) as session:
+        for device_id in IDS:
+            store.on_event(session, EventMessage(
+                device_id=device_id, seq=1, sent_at=now, event="healthy",
+                detail={"bundle": {"name": "m", "version": 2}}))
+        changes = {
+            "cam-0": {"connection": 7, "uptime_s": 130.0},  # reconnected: not counted
+            "cam-1": {"uptime_s": 3.0},  # its agent restarted since: counted
+            "cam-2": {"online": False, "last_seen": now - timedelta(seconds=5)},  # blip
+            "cam-3": {"online": False, "last_seen": now - timedelta(minutes=5)},  # gone
+        }
+        for device_id, change in changes.items():
+            device = session.get(Device, device_id)
+            beat = dict(device.heartbeat)
+            if "uptime_s" in change:
+                beat["uptime_s"] = change["uptime_s"]
+            device.heartbeat = beat
+            device.connection = change.get("connection", device.connection)
+            device.online = change.get("online", device.online)
+            device.last_seen = change.get("last_seen", device.last_seen)
+            session.add(device)
+        session.commit()
+        view = store.load_view(session, session.get(type(rollout), rollout.id), now)
+    gone = sorted(d.device_id for d in view.devices if d.figures and d.figures.went_offline)
+    assert gone == ["cam-1", "cam-3"]

@@ -37,6 +37,8 @@ class RolloutCreate(BaseModel):
     max_model_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_latency_ratio: float = Field(default=1.5, gt=0, le=100)
     max_offline_rate: float = Field(default=0.2, ge=0, le=1)
+    offline_grace_s: float = Field(default=60, ge=0, le=86_400,
+                                   description="offline this long before it counts")
     min_devices: int = Field(default=1, ge=1, le=10_000)
     min_inferences: int = Field(default=20, ge=0, le=10**9)
     roll_back_on_failure: bool = True
@@ -62,6 +64,7 @@ class RolloutCreate(BaseModel):
                 max_model_error_rate=self.max_model_error_rate,
                 max_latency_ratio=self.max_latency_ratio,
                 max_offline_rate=self.max_offline_rate,
+                offline_grace_s=self.offline_grace_s,
                 min_devices=self.min_devices, min_inferences=self.min_inferences),
             roll_back_on_failure=self.roll_back_on_failure,
             roll_back_scope=self.roll_back_scope,
