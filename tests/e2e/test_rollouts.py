@@ -1,5 +1,5 @@
 """Staged rollouts end to end: simulated devices running the agent's code, a real fleet
-(SQLite and PostgreSQL) with its rollout controller, a real broker.
+(SQLite) with its rollout controller, a real broker.
 
 The only injected thing is the simulator's fault file (a health-check verdict after the
 real check: ``agent/simulate/device.py``). A good bundle goes through every wave; a bundle
@@ -19,6 +19,13 @@ from tests.fixtures.waiting import wait_until
 COUNT = 20
 IDS = [f"sim-{index:04d}" for index in range(1, COUNT + 1)]
 FAILING = IDS[::3]  # 7 of 20: about a third fail the health check of the bad bundle
+
+
+@pytest.fixture
+def database_url(tmp_path) -> str:
+    """SQLite only: the 200-device acceptance (test_rollout_acceptance.py) and the restart
+    test run on PostgreSQL."""
+    return f"sqlite:///{tmp_path / 'fleet.db'}"
 
 
 def _devices(fleet) -> dict[str, dict]:
