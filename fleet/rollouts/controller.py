@@ -1,12 +1,14 @@
 """The rollout controller: the IO around ``fleet.rollouts.machine.decide``.
 
 Each tick reads every running rollout, asks the machine what to do, carries it out and
-records it, one rollout per transaction. The rollout's row is locked for that transaction
-(``SELECT ... FOR UPDATE``), so two fleet workers ticking at once take turns and the second
-decides on what the first stored: a device is notified once per step, whichever worker
-gets there. State is stored before anything is published: a controller killed between the
-two leaves a desired state stored and unpublished, which ``fleet.desired_resend``
-publishes; it is never notified twice for the same step. (On SQLite, whose single writer
+records it, one rollout per transaction. One worker ticks at a time: on PostgreSQL it
+holds an advisory lock for the tick and the others skip theirs. The rollout's row is also
+locked for its transaction (``SELECT ... FOR UPDATE``), so even two ticks that overlapped
+would take turns and the second would decide on what the first stored: a device is
+notified once per step, whichever worker gets there. State is stored before anything is
+published: a controller killed between the two leaves a desired state stored and
+unpublished, which ``fleet.desired_resend`` publishes; it is never notified twice for the
+same step. (On SQLite, whose single writer
 has no row locks, run one fleet worker: the data directory lock already means one.)
 
 Every decision lands in the audit log as ``system:controller`` with the figures behind it.
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -40,7 +44,7 @@ from fleet.rollouts.machine import (
 )
 from fleet.rollouts.store import load_view, pick_up_new_matches
 
-__all__ = ["ACTOR", "tick"]
+__all__ = ["ACTOR", "controller_turn", "tick"]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +57,44 @@ Publisher = Callable[[str, bytes], None]
 _last_pickup: dict[str, datetime] = {}
 
 
+# The PostgreSQL advisory lock key one ticking controller holds ("edgefleet rollouts").
+ADVISORY_KEY = 0x6564_6766_726F_6C6C & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@contextmanager
+def controller_turn(engine: Engine) -> Iterator[bool]:
+    """Whether this worker may tick now: on PostgreSQL, one worker at a time holds a
+    session advisory lock for its whole tick and the others skip theirs (the row locks
+    below would make them wait and then find nothing to do). SQLite has one writer, and
+    its data directory's lock already means one fleet."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as connection:
+        held = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                                       {"key": ADVISORY_KEY}).scalar())
+        connection.commit()
+        try:
+            yield held
+        finally:
+            if held:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"),
+                                   {"key": ADVISORY_KEY})
+                connection.commit()
+
+
 def tick(engine: Engine, signer, publish: Publisher, now: datetime | None = None,
          pickup_every_s: float = 10.0) -> list[str]:
-    """Advance every running rollout by what is due now; returns what was done."""
-    now = now or utcnow()
+    """Advance every running rollout by what is due now; returns what was done (nothing
+    while another worker holds the controller's turn)."""
+    with controller_turn(engine) as mine:
+        if not mine:
+            return []
+        return _tick(engine, signer, publish, now or utcnow(), pickup_every_s)
+
+
+def _tick(engine: Engine, signer, publish: Publisher, now: datetime,
+          pickup_every_s: float) -> list[str]:
     with Session(engine) as session:
         running = list(session.exec(select(Rollout.id).where(
             Rollout.status == RolloutStatus.RUNNING.value)))

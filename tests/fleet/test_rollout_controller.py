@@ -173,3 +173,18 @@ def test_the_offline_gate_counts_restarts_and_long_silences_not_reconnections(fl
         view = store.load_view(session, session.get(type(rollout), rollout.id), now)
     gone = sorted(d.device_id for d in view.devices if d.figures and d.figures.went_offline)
     assert gone == ["cam-1", "cam-3"]
+
+
+def test_one_worker_ticks_at_a_time_and_the_others_skip_their_turn(fleet_db):
+    engine, signer = fleet_db
+    with Session(engine) as session:
+        store.create_rollout(session, BundleRef(name="m", version=2),
+                             Policy(waves=parse_waves("100%")), "test", selector="site=lab")
+    published: list[str] = []
+    with controller.controller_turn(engine) as mine:
+        assert mine
+        if engine.dialect.name == "postgresql":  # another worker's tick meanwhile: skipped
+            assert controller.tick(engine, signer, lambda n, _p: published.append(n)) == []
+            assert published == []
+    done = controller.tick(engine, signer, lambda n, _p: published.append(n))
+    assert done and len(published) == len(IDS), "the turn is free again once released"
