@@ -9,13 +9,17 @@ In one run, against a real mosquitto (open, loopback) and a real database:
   under a row lock, signed, stored with its payload, one audit entry, published, counted),
   through the fleet's MQTT link, until every PUBACK is in; ``fanout_vs_floor`` is the
   ratio (goal for 10,000 devices: ``desired_per_s`` >= 5,000);
-* ``gate_eval_10k_s``: evaluating every gate over a 10,000-device wave (goal < 0.5 s).
+* ``gate_eval_10k_s``: evaluating every gate over a 10,000-device wave (goal < 0.5 s);
+* ``sim_rss_mb_per_device_idle`` / ``_serving``: the device simulator's memory per device,
+  from ``bench/simulate.py --devices N`` run beside (``--sim-devices``, default 100; 0
+  leaves it out), which the rollout tests and the load benchmarks run on.
 
 Last line: one JSON object.
 
     python bench/fanout.py                  # 10,000 devices, SQLite
     python bench/fanout.py --devices 500    # quick
     python bench/fanout.py --postgres       # a fresh PostgreSQL database, dropped after
+    python bench/fanout.py --sim-devices 500  # the simulator's RSS at 500 devices
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -135,6 +140,22 @@ def measure_gates(count: int) -> float:
     return best
 
 
+def measure_simulator(devices: int) -> dict:
+    """The simulator's RSS per device, from bench/simulate.py's own run (its fleet, broker
+    and devices), so this benchmark states what the simulated fleets it gates cost."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("simulate.py")), "--devices",
+         str(devices), "--interval", "5"], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/simulate.py failed:\n{done.stderr[-2000:]}")
+    simulated = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"simulator, {devices} devices: {simulated['rss_mb_per_device_idle']} MB per "
+          f"idle device, {simulated['rss_mb_per_device_serving']} MB serving")
+    return {"sim_devices": devices,
+            "sim_rss_mb_per_device_idle": simulated["rss_mb_per_device_idle"],
+            "sim_rss_mb_per_device_serving": simulated["rss_mb_per_device_serving"]}
+
+
 @contextmanager
 def _database(postgres: bool, work: Path) -> Iterator[str]:
     if not postgres:
@@ -158,6 +179,9 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true",
                         help="a fresh database on EDGEFLEET_TEST_PG_URL's server "
                              "(default: a fresh SQLite file)")
+    parser.add_argument("--sim-devices", type=int, default=100,
+                        help="simulated devices for the simulator's RSS per device "
+                             "(bench/simulate.py; 0: leave it out)")
     args = parser.parse_args()
 
     from fleet.local_broker import LocalBroker
@@ -183,6 +207,8 @@ def main() -> None:
         "fanout_s": round(args.devices / fanout, 3),
         "gate_eval_10k_s": round(gates_s, 4),
     }
+    if args.sim_devices:
+        figures.update(measure_simulator(args.sim_devices))
     print(json.dumps(figures))
 
 

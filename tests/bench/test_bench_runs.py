@@ -69,10 +69,11 @@ def test_simulate_benchmark_prints_its_figures_as_json():
 
 def test_fanout_benchmark_prints_its_figures_as_json():
     done = subprocess.run(
-        [sys.executable, str(BENCH / "fanout.py"), "--devices", "50"],
+        [sys.executable, str(BENCH / "fanout.py"), "--devices", "50", "--sim-devices", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"floor_per_s", "desired_per_s", "fanout_vs_floor", "gate_eval_10k_s"} <= set(figures)
     assert figures["devices"] == 50 and figures["desired_per_s"] > 0
+    assert figures["sim_devices"] == 2 and figures["sim_rss_mb_per_device_serving"] > 0
