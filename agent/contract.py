@@ -40,9 +40,17 @@ __all__ = [
     "DEVICE_CHANNELS",
     "DEVICE_ID_PATTERN",
     "DIRECTOR_FIELD",
+    "HISTOGRAM_EXTRA_BINS",
+    "HISTOGRAM_MISSING",
+    "HISTOGRAM_OVERFLOW",
+    "HISTOGRAM_UNDERFLOW",
     "LABEL_KEY_PATTERN",
     "LABEL_VALUE_PATTERN",
     "MANIFEST_NAME",
+    "MAX_BASELINE_BINS",
+    "MAX_BASELINE_BYTES",
+    "MAX_DRIFT_FEATURES",
+    "MAX_HISTOGRAM_BINS",
     "MAX_LABELS",
     "MAX_MANIFEST_BYTES",
     "MAX_MESSAGE_BYTES",
@@ -64,6 +72,7 @@ __all__ = [
     "DeviceId",
     "DriftMessage",
     "EventMessage",
+    "FeatureHistogram",
     "FileEntry",
     "HealthCheckSpec",
     "HeartbeatTelemetry",
@@ -74,6 +83,8 @@ __all__ = [
     "SignatureEntry",
     "SignedDesiredState",
     "StatusMessage",
+    "SummaryKind",
+    "SummarySpec",
     "TensorSchema",
     "check_free_json",
     "convert",
@@ -100,6 +111,17 @@ TOPIC_ROOT = "edgefleet/v1/devices"
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_DRIFT_FEATURES = 256
 MAX_HISTOGRAM_BINS = 512
+# A live histogram (FeatureHistogram.counts) holds, for a baseline feature with edges
+# e_0 < ... < e_k (k inner bins), k + 3 counts:
+#   [underflow: x < e_0] + k inner bins + [overflow: x > e_k] + [missing: NaN, +-inf, absent]
+# binned as i = searchsorted(edges, x, side="right") (np.histogram's bins inside: the
+# last inner bin includes e_k). A baseline therefore has at most MAX_HISTOGRAM_BINS - 3
+# inner bins, so its live histogram still fits a message.
+HISTOGRAM_EXTRA_BINS = 3
+HISTOGRAM_UNDERFLOW = 0
+HISTOGRAM_OVERFLOW = -2
+HISTOGRAM_MISSING = -1
+MAX_BASELINE_BINS = MAX_HISTOGRAM_BINS - HISTOGRAM_EXTRA_BINS
 MAX_EVENT_DETAIL_KEYS = 32
 # Free JSON (an event's ``detail``) is bounded in depth, width and text as well as in bytes:
 # a few kilobytes of '[' are enough to exhaust a parser's stack.
@@ -332,14 +354,24 @@ def check_free_json(value: Any, where: str) -> None:
 
 
 class FeatureHistogram(_Strict, kw_only=True):
+    """One feature's live window, in the k + 3 layout over its baseline's edges (see
+    :data:`HISTOGRAM_EXTRA_BINS`): underflow, the k inner bins, overflow, missing."""
+
     feature: ShortText
     counts: Annotated[list[Count], Meta(max_length=MAX_HISTOGRAM_BINS)]
 
 
 class DriftMessage(DeviceMessage, kw_only=True):
+    """A closed drift window of one bundle. A window too large for one message is sent as
+    several, each with some of its features and the same ``window_started_at``."""
+
     kind: Literal["drift"] = "drift"
     model: ActiveModel
     features: Annotated[list[FeatureHistogram], Meta(max_length=MAX_DRIFT_FEATURES)]
+    # Rows the device served in the window; the counts cover all of them or, under load,
+    # an even sample (so a feature's counts may sum to less).
+    rows: Int64 | None = None
+    window_started_at: Timestamp | None = None
 
 
 class DesiredState(_Strict, kw_only=True):
@@ -423,23 +455,73 @@ class HealthCheckSpec(_Strict, kw_only=True):
     atol: Annotated[float, Meta(ge=0, le=1)] = 1e-5
 
 
+# What baseline.json may weigh: 4096 features of 509 bins is ~40 MB of JSON, more than a
+# device should parse; real baselines are a few kilobytes to a few hundred.
+MAX_BASELINE_BYTES = 16 * 1024 * 1024
+# Finite: JSON has no NaN or infinity, and edges must compare.
+FiniteFloat = Annotated[float, Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)]
+
+
 class BaselineHistogram(_Strict, kw_only=True):
-    """Training distribution of one feature: ``len(edges) == len(counts) + 1``."""
+    """Training distribution of one feature: ``len(edges) == len(counts) + 1``, edges
+    strictly increasing (the device bins live values on them)."""
 
     feature: ShortText
-    edges: Annotated[list[float], Meta(min_length=2, max_length=MAX_HISTOGRAM_BINS + 1)]
-    counts: Annotated[list[Count], Meta(max_length=MAX_HISTOGRAM_BINS)]
+    edges: Annotated[list[FiniteFloat], Meta(min_length=2, max_length=MAX_BASELINE_BINS + 1)]
+    counts: Annotated[list[Count], Meta(max_length=MAX_BASELINE_BINS)]
 
     def __post_init__(self) -> None:
         if len(self.edges) != len(self.counts) + 1:
             raise ValueError(
                 f"{len(self.edges)} edges for {len(self.counts)} counts (needs counts + 1)"
             )
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges must be strictly increasing")
+
+
+SummaryKind = Literal["values", "image", "audio", "stats", "classes", "scores"]
+
+
+class SummarySpec(_Strict, kw_only=True, omit_defaults=True):
+    """How one model tensor is reduced to features per row, recorded at build so the device
+    computes exactly what the build computed (``agent.drift.summaries`` names the features
+    and computes them; the rules for choosing are there too).
+
+    ``values``: every element of a row is a feature (``columns`` of them); ``image``:
+    per-channel pixel statistics (``channels``, the channel dim at ``channel_axis``, or
+    one channel when ``None``); ``audio``, ``stats``, ``scores``: fixed statistics of the
+    row; ``classes``: the argmax over ``classes`` scores and the top score."""
+
+    tensor: ShortText
+    role: Literal["input", "output"]
+    kind: SummaryKind
+    columns: Annotated[int, Meta(ge=1, le=MAX_FEATURES)] | None = None
+    channels: Annotated[int, Meta(ge=1, le=64)] | None = None
+    channel_axis: Annotated[int, Meta(ge=1, le=7)] | None = None
+    classes: Annotated[int, Meta(ge=2, le=MAX_BASELINE_BINS)] | None = None
+
+    def __post_init__(self) -> None:
+        needed = {"values": "columns", "image": "channels", "classes": "classes"}.get(self.kind)
+        if needed is not None and getattr(self, needed) is None:
+            raise ValueError(f"a {self.kind!r} summary needs {needed!r}")
 
 
 class Baseline(_Strict, kw_only=True):
+    """``baseline.json``: the training distribution of every feature the device tracks.
+
+    ``summaries`` says how each input and output becomes features; empty (baselines built
+    before summaries existed) means the model's one 2-D input, feature ``NAME[i]`` being
+    column ``i``. Output features are named ``output:...`` and live in ``features`` too."""
+
     rows: Count
     features: Annotated[list[BaselineHistogram], Meta(max_length=MAX_FEATURES)]
+    summaries: Annotated[list[SummarySpec], Meta(max_length=2 * MAX_TENSORS)] = []
+
+    def __post_init__(self) -> None:
+        names = [histogram.feature for histogram in self.features]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})[:3]
+            raise ValueError(f"features named twice: {', '.join(twice)}")
 
 
 class BundleManifest(_Strict, kw_only=True):

@@ -5,8 +5,9 @@ device's health check compares like with like. The archive is deterministic (fix
 owner and mode) so the same inputs give the same bytes and the same TUF hash.
 
 A health check means something only if its samples are inputs the model really takes.
-They come, in this order, from ``--samples``, from the baseline's first rows (a one-input
-feature model), or are made from the model's schema plus the operator's hints: a shape per
+They come, in this order, from ``--samples``, from the baseline's first rows (each input's
+first rows; ``fleet.baseline_build`` makes the baseline itself), or are made from the
+model's schema plus the operator's hints: a shape per
 input (``--input-shape x=1,3,640,640``) and a value per input (``--input-value sr=16000``).
 What the schema leaves open and no hint fills is guessed (a dynamic dim other than a
 batch is 1, an integer input is 0) and said as a warning naming the input and the dim;
@@ -35,14 +36,12 @@ import numpy as np
 
 from agent.contract import (
     MANIFEST_NAME,
-    MAX_HISTOGRAM_BINS,
+    MAX_BASELINE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_METADATA_KEYS,
     MAX_SAMPLES_BYTES,
     SAMPLE_EXPECTED_PREFIX,
     SAMPLE_INPUT_PREFIX,
-    Baseline,
-    BaselineHistogram,
     BundleManifest,
     FileEntry,
     HealthCheckSpec,
@@ -55,25 +54,31 @@ from agent.contract import (
     validated,
 )
 from agent.runtime import Engine, EngineError, TensorSpec, load_engine
+from fleet.baseline_build import (
+    DEFAULT_BINS,
+    SummaryChoice,
+    compute_baseline,
+    first_rows,
+    load_baseline_data,
+    parse_summary_hints,
+)
+from fleet.build_errors import BuildError, one_line
 
 __all__ = [
+    "DEFAULT_BINS",
     "DEFAULT_MAX_SAMPLES_BYTES",
     "BuildError",
     "BuiltBundle",
     "build_bundle",
     "compute_baseline",
     "parse_hints",
+    "parse_summary_hints",
 ]
 
 RUNTIME_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
-DEFAULT_BINS = 20
 DEFAULT_SAMPLE_ROWS = 8
 DEFAULT_MAX_SAMPLES_BYTES = 8 * 1024 * 1024
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can say: fixed bytes
-
-
-class BuildError(ValueError):
-    """The operator's inputs cannot make a bundle; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -89,45 +94,6 @@ def _schema(spec: TensorSpec, allow_nan: bool = False) -> TensorSchema:
     return TensorSchema(
         name=spec.name, dtype=spec.dtype, shape=list(spec.shape), allow_nan=allow_nan
     )
-
-
-def _feature_input(engine: Engine) -> TensorSpec:
-    if len(engine.inputs) != 1 or len(engine.inputs[0].shape) != 2:
-        raise BuildError(
-            "a baseline needs a model with one 2-D input (batch, features); this model has "
-            + ", ".join(f"{s.name}{s.describe_shape()}" for s in engine.inputs)
-        )
-    return engine.inputs[0]
-
-
-def compute_baseline(rows: np.ndarray, spec: TensorSpec, bins: int = DEFAULT_BINS) -> Baseline:
-    """Quantile bins per feature (equal-mass on the training data), with their counts."""
-    features = spec.shape[1]
-    if rows.ndim != 2 or (features is not None and rows.shape[1] != features):
-        raise BuildError(
-            f"baseline: expected shape (rows, {features}), given {rows.shape}"
-        )
-    if not np.issubdtype(rows.dtype, np.number) or not np.isfinite(rows).all():
-        raise BuildError("baseline: values must be finite numbers")
-    bins = min(bins, MAX_HISTOGRAM_BINS)
-    histograms = []
-    for index in range(rows.shape[1]):
-        column = rows[:, index].astype(np.float64)
-        edges = np.unique(np.quantile(column, np.linspace(0, 1, bins + 1)))
-        if len(edges) < 2:  # a constant feature still gets one bin around its value
-            edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
-        counts, _ = np.histogram(column, bins=edges)
-        histograms.append(
-            BaselineHistogram(
-                feature=f"{spec.name}[{index}]",
-                edges=[float(e) for e in edges],
-                counts=[int(c) for c in counts],
-            )
-        )
-    try:
-        return validated(Baseline(rows=int(rows.shape[0]), features=histograms))
-    except MessageRejected as exc:
-        raise BuildError(f"baseline: {exc.detail}") from None
 
 
 def _load_array(path: Path, what: str) -> np.ndarray:
@@ -181,7 +147,7 @@ class _Samples:
 def _sample_inputs(
     engine: Engine,
     samples: Path | None,
-    baseline: np.ndarray | None,
+    baseline: Mapping[str, np.ndarray] | None,
     shapes: Mapping[str, Sequence[int]],
     values: Mapping[str, float | int],
 ) -> _Samples:
@@ -203,7 +169,7 @@ def _sample_inputs(
             raise BuildError(f"{option}: the model has no input {', '.join(unknown)} "
                              f"(its inputs: {', '.join(known)})")
     if baseline is not None and not shapes and not values:
-        return _Samples({engine.inputs[0].name: baseline[:DEFAULT_SAMPLE_ROWS]}, [], [])
+        return _Samples(first_rows(engine, baseline, DEFAULT_SAMPLE_ROWS), [], [])
     generator = np.random.default_rng(0)
     made = _Samples({}, [], [])
     # ONNX dims named alike are one size: a hinted input's sizes fill the others' (the
@@ -294,11 +260,6 @@ def _metadata(engine: Engine) -> tuple[dict[str, str], list[str]]:
     return kept, warnings
 
 
-def _one_line(error: Exception, limit: int = 600) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     """What ``np.savez_compressed`` writes, with fixed timestamps (deterministic bytes)."""
     buffer = io.BytesIO()
@@ -327,11 +288,15 @@ def build_bundle(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_values: Mapping[str, float | int] | None = None,
     max_samples_bytes: int = DEFAULT_MAX_SAMPLES_BYTES,
+    summaries: Mapping[str, SummaryChoice | str] | None = None,
 ) -> BuiltBundle:
     """Build ``out_dir/NAME-VERSION.bundle``; every refusal is a one-line :class:`BuildError`.
 
     ``input_shapes`` / ``input_values`` (by input name) are the hints the health-check
-    samples are made from when ``samples`` is not given; see the module docstring."""
+    samples are made from when ``samples`` is not given; see the module docstring.
+    ``baseline`` is the training inputs (``fleet.baseline_build``), ``summaries`` the
+    operator's summary per tensor name (``"image:nhwc"``, ``"stats"``, ``"none"``...) where
+    the automatic choice is not wanted."""
     runtime = RUNTIME_BY_SUFFIX.get(model.suffix.lower())
     if runtime is None:
         raise BuildError(f"{model}: model must be .onnx or .tflite")
@@ -348,26 +313,30 @@ def build_bundle(
         loaded = load_engine(model)
     except EngineError as exc:
         raise BuildError(f"{model}: not a model this runtime can load ({exc})") from None
+    warnings: list[str] = []
     with loaded as engine:
-        baseline_rows = _load_array(baseline, "baseline") if baseline is not None else None
-        baseline_doc = (
-            compute_baseline(baseline_rows, _feature_input(engine))
-            if baseline_rows is not None
-            else None
-        )
-        made = _sample_inputs(engine, samples, baseline_rows, input_shapes or {},
+        baseline_data = load_baseline_data(baseline, engine) if baseline is not None else None
+        baseline_doc = None
+        if baseline_data is not None:
+            computed = compute_baseline(engine, baseline_data, summaries=summaries)
+            baseline_doc = computed.baseline
+            warnings.extend(computed.warnings)
+        elif summaries:
+            raise BuildError("--summary chooses how the --baseline is summarised: give a "
+                             "--baseline too")
+        made = _sample_inputs(engine, samples, baseline_data, input_shapes or {},
                               input_values or {})
         inputs = made.inputs
         try:
             expected = engine.infer(inputs)
         except ValueError as exc:
-            raise BuildError(f"samples do not fit the model: {_one_line(exc)}") from None
+            raise BuildError(f"samples do not fit the model: {one_line(exc)}") from None
         except EngineError as exc:
             if made.guessed:
                 raise BuildError(
                     f"the model failed on health-check samples with guessed "
                     f"{', '.join(made.guessed)}: pass {' and '.join(made.options)} "
-                    f"(or real inputs with --samples); the runtime said: {_one_line(exc)}"
+                    f"(or real inputs with --samples); the runtime said: {one_line(exc)}"
                 ) from None
             hint = (
                 "" if samples is not None
@@ -376,13 +345,14 @@ def build_bundle(
                 else " (give real inputs with --samples)"
             )
             raise BuildError(
-                f"the model failed on its health-check samples{hint}: {_one_line(exc)}"
+                f"the model failed on its health-check samples{hint}: {one_line(exc)}"
             ) from None
         prepared = {spec.name: np.asarray(inputs[spec.name]).astype(spec.dtype)
                     for spec in engine.inputs}
         input_schema = [_schema(s, allow_nan) for s in engine.inputs]
         output_schema = [_schema(s) for s in engine.outputs]
-        metadata, warnings = _metadata(engine)
+        metadata, metadata_warnings = _metadata(engine)
+        warnings.extend(metadata_warnings)
     if made.guessed:
         warnings.insert(0, f"health-check samples guessed {', '.join(made.guessed)}: the "
                            f"check only means something for real sizes and values; pass "
@@ -409,6 +379,12 @@ def build_bundle(
     members: dict[str, bytes] = {model_file: model_bytes, "samples.npz": samples_bytes}
     if baseline_doc is not None:
         members["baseline.json"] = to_json(baseline_doc)
+        if len(members["baseline.json"]) > MAX_BASELINE_BYTES:
+            raise BuildError(
+                f"baseline.json of {len(members['baseline.json']) / 2**20:.1f} MiB is over "
+                f"the {MAX_BASELINE_BYTES // 2**20} MiB a device reads: fewer features "
+                "(summaries such as stats for the widest tensors)"
+            )
 
     manifest = BundleManifest(
         name=name,

@@ -7,6 +7,9 @@ contract and the libraries both sides share on purpose:
 * ``agent.mqtt``: the MQTT link (reconnects, manual acknowledgements) the ingest uses;
 * ``agent.runtime``: the inference engine, so a bundle's expected outputs are computed at
   build time with the very code the device will check them with;
+* ``agent.drift.summaries``: how a tensor's rows become drift features, so a bundle's
+  baseline is computed at build time with the very code the device computes live
+  features with;
 * ``agent`` itself, for the version.
 
 Anything else (installer, slots, trust client, endpoint) is the device's business; a
@@ -19,7 +22,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_WITH_FLEET = ("agent", "agent.contract", "agent.mqtt", "agent.runtime")
+SHARED_WITH_FLEET = ("agent", "agent.contract", "agent.mqtt", "agent.runtime",
+                     "agent.drift.summaries")
 
 
 def _imports(package: str) -> dict[str, set[str]]:

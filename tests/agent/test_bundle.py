@@ -38,7 +38,9 @@ def test_built_bundle_unpacks_verifies_and_passes_its_health_check(make_bundle, 
     assert manifest.runtime == "onnx" and manifest.inputs[0].shape == [None, 4]
     assert set(manifest.files) == {"model.onnx", "samples.npz", "baseline.json"}
     baseline = json.loads((tmp_path / "slot" / "baseline.json").read_text())
-    assert baseline["rows"] == 500 and len(baseline["features"]) == 4
+    assert baseline["rows"] == 500
+    assert [f["feature"] for f in baseline["features"]] == [
+        "x[0]", "x[1]", "x[2]", "x[3]", "output:y.class", "output:y.max"]
     assert sum(baseline["features"][0]["counts"]) == 500
     assert verify_slot(tmp_path / "slot") == manifest
     with open_checked_engine(tmp_path / "slot", manifest) as engine:
