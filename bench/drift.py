@@ -8,7 +8,8 @@ In one run, on random counts in the k + 3 live layout (devices x features x bins
 * ``floor_s``: the bare numpy floor, one elementwise ``sum(p * log(p / q))`` over the same
   arrays already normalised (the least any one statistic costs); ``fleet_vs_floor`` is
   the ratio (all four statistics, checked, against one unchecked one);
-* the device-side figures (``device_overhead_*``) come from the agent's drift work.
+* ``device_overhead_b256`` / ``device_overhead_us_b1``: what keeping the live histograms
+  costs the device, from ``bench/drift_device.py`` (``--device-repeat``; 0 leaves it out).
 
 Each figure is the best of ``--repeat`` runs. Last line: one JSON object.
 
@@ -31,15 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def device_overhead() -> dict[str, float]:
-    """The agent side's cost of keeping the histograms, measured on the device's code.
+def device_overhead(repeat: int) -> dict[str, float]:
+    """The agent side's cost of keeping the histograms, measured on the device's code
+    (``bench/drift_device.py``: the real engine and ``agent.drift.DriftWindow``):
+    ``device_overhead_b256`` (observe over inference, batch 256; goal <= 0.03) and
+    ``device_overhead_us_b1`` (microseconds per single-row request; goal <= 2)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from drift_device import measure as measure_device
 
-    Empty for now: the agent-side drift work (binning live inputs on the baseline's edges)
-    adds ``device_overhead_b256`` (inference with binning over without, batch 256) and
-    ``device_overhead_us_b1`` (microseconds binning adds to one single-row request) here.
-    No figure is made up in the meantime.
-    """
-    return {}
+    return measure_device(repeat=repeat)
 
 
 def fleet_inputs(devices: int, features: int, bins: int, seed: int = 14):
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--bins", type=int, default=20, help="inner bins (k) per feature")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (best kept)")
+    parser.add_argument("--device-repeat", type=int, default=3000,
+                        help="timed requests per device-side case (0: leave them out)")
     args = parser.parse_args()
 
     measured = measure(args.devices, args.features, args.bins, max(1, args.repeat))
@@ -113,8 +116,13 @@ def main() -> None:
         "fleet_drift_10k_s": round(measured["fleet_s"], 4),
         "floor_s": round(measured["floor_s"], 4),
         "fleet_vs_floor": round(measured["fleet_s"] / measured["floor_s"], 2),
-        **device_overhead(),
     }
+    if args.device_repeat:
+        device = device_overhead(args.device_repeat)
+        print(f"  device: {device['device_overhead_b256']:.4f} of a batch-256 inference, "
+              f"{device['device_overhead_us_b1']:.2f} us per batch-1 request")
+        device["device_features"] = device.pop("features")  # the device model's, not ours
+        figures.update(device)
     print(json.dumps(figures))
 
 

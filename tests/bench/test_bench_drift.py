@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def test_drift_benchmark_prints_its_figures_as_json():
     done = subprocess.run(
         [sys.executable, str(BENCH / "drift.py"), "--devices", "20", "--features", "3",
-         "--bins", "5", "--repeat", "1"],
+         "--bins", "5", "--repeat", "1", "--device-repeat", "50"],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -26,3 +26,4 @@ def test_drift_benchmark_prints_its_figures_as_json():
             "bins"} <= set(figures)
     assert figures["devices"] == 20 and figures["features"] == 3 and figures["bins"] == 5
     assert figures["fleet_drift_10k_s"] > 0 and figures["fleet_vs_floor"] > 0
+    assert figures["device_overhead_b256"] >= 0 and figures["device_overhead_us_b1"] >= 0
