@@ -452,8 +452,13 @@ def bundle_build(
     model: Annotated[Path, typer.Argument(help=".onnx or .tflite model file")],
     name: Annotated[str, typer.Option(help="bundle name")],
     version: Annotated[int, typer.Option(help="integer version, higher is newer")],
-    baseline: Annotated[Path | None, typer.Option(help="training inputs .npy (rows, features)")]
-    = None,
+    baseline: Annotated[Path | None, typer.Option(
+        help="training inputs: .npy (one input) or .npz keyed by input name; rows on axis 0. "
+             "The model runs on them too, for its output baseline")] = None,
+    summary: Annotated[list[str] | None, typer.Option(
+        help="NAME=KIND[:LAYOUT]: how drift summarises a tensor (values, image, audio, stats, "
+             "classes, scores, none; an image may add :nchw, :nhwc or :gray); repeatable. "
+             "Default: chosen by shape and dtype")] = None,
     samples: Annotated[
         Path | None, typer.Option(help="health-check inputs .npy/.npz (.npz keyed by input name)")
     ] = None,
@@ -478,6 +483,7 @@ def bundle_build(
     Without --samples, the health-check inputs are made from the model's schema: give the
     sizes and values it cannot say with --input-shape and --input-value; what is guessed is
     named in a warning."""
+    from fleet.baseline_build import parse_summary_hints
     from fleet.bundle_build import BuildError, build_bundle, parse_hints
 
     try:
@@ -486,6 +492,7 @@ def bundle_build(
             model, name=name, version=version, out_dir=out, baseline=baseline, samples=samples,
             allow_nan=allow_nan, input_shapes=shapes, input_values=values,
             max_samples_bytes=int(max_samples_mb * 1024 * 1024),
+            summaries=parse_summary_hints(summary or ()) or None,
         )
     except (BuildError, ValueError) as exc:  # one line, however long: not wrapped by rich
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)

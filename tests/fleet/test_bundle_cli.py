@@ -61,3 +61,19 @@ def test_keys_init_and_rotate(tmp_path):
     assert rotated.returncode == 0 and "root is now version 2" in rotated.stdout
     root = json.loads((tmp_path / "data" / "repo" / "metadata" / "2.root.json").read_text())
     assert len(root["signatures"]) == 3 and root["signed"]["roles"]["root"]["threshold"] == 2
+
+
+def test_bundle_build_takes_a_summary_per_tensor_and_refuses_a_bad_one(tmp_path):
+    import tarfile
+
+    build_mlp_onnx(tmp_path / "m.onnx")
+    np.save(tmp_path / "train.npy", np.random.default_rng(1).normal(size=(300, 4)))
+    base = ("bundle", "build", str(tmp_path / "m.onnx"), "--name", "cam", "--version", "2",
+            "--baseline", str(tmp_path / "train.npy"), "--out", str(tmp_path / "out"))
+    done = _fleet(tmp_path, *base, "--summary", "x=stats", "--summary", "y=none")
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(tmp_path / "out" / "cam-2.bundle") as bundle:
+        baseline = json.load(bundle.extractfile("baseline.json"))
+    assert [f["feature"] for f in baseline["features"]] == ["x:mean", "x:std", "x:min", "x:max"]
+    refused = _fleet(tmp_path, *base, "--summary", "x=picture")
+    assert refused.returncode == 2 and "--summary 'x=picture'" in refused.stderr
