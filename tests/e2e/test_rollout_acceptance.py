@@ -28,6 +28,15 @@ import json
 import pytest
 
 from tests.fixtures.processes import console_script, spawn
+from tests.fixtures.rollouts import (
+    all_on,
+    create_rollout,
+    devices_by_id,
+    received,
+    rollout_audit,
+    rollout_ended,
+    told_of,
+)
 from tests.fixtures.waiting import wait_until
 
 COUNT = 200
@@ -41,62 +50,10 @@ def database_url(postgres_url) -> str:
     return postgres_url
 
 
-def _devices(fleet) -> dict[str, dict]:
-    return {d["id"]: d for d in fleet.get("/api/v1/devices").json()}
-
-
-def _active(device: dict) -> int | None:
-    model = device.get("active_model")
-    return model["version"] if model else None
-
-
-def _create(fleet, version: int, *options: str) -> dict:
-    done = fleet.cli("rollout", "create", "detector", "--version", str(version),
-                     "--selector", "site=lab", *options)
-    assert done.returncode == 0, done.stderr
-    return json.loads(fleet.cli("rollout", "list", "--json").stdout)[0]
-
-
-def _status(fleet, rollout_id: str) -> dict:
-    return fleet.get(f"/api/v1/rollouts/{rollout_id}").json()
-
-
 def _members(fleet, rollout_id: str, wave: int) -> list[str]:
     shown = fleet.cli("rollout", "status", rollout_id, "--devices", "--json")
     assert shown.returncode == 0, shown.stderr
     return [d["device_id"] for d in json.loads(shown.stdout)["devices"] if d["wave"] == wave]
-
-
-def _ended(fleet, rollout_id: str, timeout: float) -> dict:
-    return wait_until(lambda: (s := _status(fleet, rollout_id))["status"]
-                      in ("completed", "halted", "aborted") and s,
-                      timeout=timeout, interval=1, what=f"rollout {rollout_id} to end")
-
-
-def _audit(fleet, rollout_id: str) -> list[dict]:
-    listed = fleet.cli("audit", "list", "--subject", f"rollout:{rollout_id}", "--json",
-                       "--limit", "500")
-    assert listed.returncode == 0, listed.stderr
-    return json.loads(listed.stdout)
-
-
-def _told_of(fleet, version: int) -> set[str]:
-    """Every device the fleet ever sent a desired state for ``version`` (its audit log)."""
-    listed = fleet.cli("audit", "list", "--subject", f"bundle:detector:{version}", "--json",
-                       "--limit", "500")
-    assert listed.returncode == 0, listed.stderr
-    told: set[str] = set()
-    for entry in json.loads(listed.stdout):
-        if entry["action"] == "deploy":
-            told.update(entry["details"]["generations"])
-    return told
-
-
-def _received(fleet, device_id: str, version: int) -> bool:
-    """Whether the device itself says it ever received a desired state for ``version``."""
-    return any(e["event"] == "desired_received"
-               and (e.get("detail") or {}).get("bundle", {}).get("version") == version
-               for e in fleet.events(device_id))
 
 
 @pytest.mark.timeout(1200)
@@ -120,12 +77,12 @@ def test_two_hundred_devices_a_good_rollout_and_three_bad_ones_halted_in_their_f
         "--label", "site=lab", "--threads", "1", "--retry", "2",
     ], tmp_path / "simulate.log", {})
     try:
-        wait_until(lambda: sum(d["online"] for d in _devices(fleet_server).values()) == COUNT,
+        wait_until(lambda: sum(d["online"] for d in devices_by_id(fleet_server).values()) == COUNT,
                    timeout=240, interval=2, what=f"{COUNT} devices online")
 
         # v1, the default waves, to all 200.
-        good = _create(fleet_server, 1, "--bake", "2")
-        done = _ended(fleet_server, good["id"], timeout=600)
+        good = create_rollout(fleet_server, 1, "--bake", "2")
+        done = rollout_ended(fleet_server, good["id"], timeout=600)
         assert done["status"] == "completed", done
         assert [w["devices"] for w in done["waves"]] == [1, 19, 80, 100]
         assert all(w["states"] == {"healthy": w["devices"]} for w in done["waves"]), done
@@ -133,13 +90,13 @@ def test_two_hundred_devices_a_good_rollout_and_three_bad_ones_halted_in_their_f
             "install_failure_rate", "model_error_rate", "latency_p95_ratio", "offline_rate"}
         shown = fleet_server.cli("rollout", "status", good["id"])
         assert "install_failure_rate" in shown.stdout and "completed" in shown.stdout
-        wait_until(lambda: all(_active(d) == 1 for d in _devices(fleet_server).values()),
+        wait_until(lambda: all_on(fleet_server, 1),
                    timeout=60, interval=1, what="every device on v1")
 
         # Three bad versions, each caught by its gate in its first wave.
         bad = {2: "install_failure_rate", 3: "latency_p95_ratio", 4: "model_error_rate"}
         for version, gate in bad.items():
-            rollout = _create(fleet_server, version, "--waves", "20,100%", "--bake", "600",
+            rollout = create_rollout(fleet_server, version, "--waves", "20,100%", "--bake", "600",
                               "--min-devices", "10", "--min-inferences", "10", "--paused")
             first = _members(fleet_server, rollout["id"], wave=1)
             assert len(first) == 20
@@ -156,33 +113,33 @@ def test_two_hundred_devices_a_good_rollout_and_three_bad_ones_halted_in_their_f
             resumed = fleet_server.cli("rollout", "resume", rollout["id"])
             assert resumed.returncode == 0, resumed.stderr
 
-            halted = _ended(fleet_server, rollout["id"], timeout=240)
+            halted = rollout_ended(fleet_server, rollout["id"], timeout=240)
             assert halted["status"] == "halted" and halted["wave"] == 1, halted
             assert gate in halted["reason"], halted
             assert halted["waves"][1]["states"] == {"pending": COUNT - 20}, halted
-            entries = _audit(fleet_server, rollout["id"])
+            entries = rollout_audit(fleet_server, rollout["id"])
             halt = next(e for e in entries if e["action"] == "rollout.halt")
             figures = next(g for g in halt["details"]["gates"] if g["gate"] == gate)
             assert figures["verdict"] == "fail" and figures["value"] > figures["threshold"]
             assert "rollout.rollback" in [e["action"] for e in entries]
 
             # The wave's devices go back to v1; nobody outside the wave was ever told.
-            wait_until(lambda: all(_active(d) == 1 for d in _devices(fleet_server).values()),
+            wait_until(lambda: all_on(fleet_server, 1),
                        timeout=180, interval=2, what=f"every device back on v1 after v{version}")
-            told = _told_of(fleet_server, version)
+            told = set(told_of(fleet_server, version))
             assert told <= set(first) and told, (version, sorted(told - set(first)))
             outside = [d for d in IDS if d not in first]
-            assert not [d for d in outside if _received(fleet_server, d, version)]
+            assert not [d for d in outside if received(fleet_server, d, version)]
 
         # v5: client errors rise (half the requests malformed), model errors do not.
         fault_file["devices"] = {d: {"client_error_rate": 0.5, "only_versions": [5]}
                                  for d in IDS}
         faults.write_text(json.dumps(fault_file))
-        rollout = _create(fleet_server, 5, "--waves", "20,100%", "--bake", "15",
+        rollout = create_rollout(fleet_server, 5, "--waves", "20,100%", "--bake", "15",
                           "--min-devices", "10", "--min-inferences", "10")
-        done = _ended(fleet_server, rollout["id"], timeout=400)
+        done = rollout_ended(fleet_server, rollout["id"], timeout=400)
         assert done["status"] == "completed", done
-        advance = next(e for e in _audit(fleet_server, rollout["id"])
+        advance = next(e for e in rollout_audit(fleet_server, rollout["id"])
                        if e["action"] == "rollout.advance")
         errors = next(g for g in advance["details"]["gates"] if g["gate"] == "model_error_rate")
         assert errors["verdict"] == "pass" and errors["value"] == 0, errors

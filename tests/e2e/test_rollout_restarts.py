@@ -18,6 +18,17 @@ import pytest
 
 from tests.fixtures.broker import FLEET_ACCOUNT, PUBLISHER_ACCOUNT
 from tests.fixtures.processes import console_script, spawn, start_fleet
+from tests.fixtures.rollouts import (
+    active_version,
+    all_on,
+    create_rollout,
+    devices_by_id,
+    received,
+    rollout_audit,
+    rollout_ended,
+    rollout_status,
+    told_of,
+)
 from tests.fixtures.waiting import wait_until
 
 COUNT = 30
@@ -30,59 +41,13 @@ def database_url(postgres_url) -> str:
     return postgres_url
 
 
-def _devices(fleet) -> dict[str, dict]:
-    return {d["id"]: d for d in fleet.get("/api/v1/devices").json()}
-
-
-def _active(device: dict) -> int | None:
-    model = device.get("active_model")
-    return model["version"] if model else None
-
-
-def _create(fleet, version: int, *options: str) -> dict:
-    done = fleet.cli("rollout", "create", "detector", "--version", str(version),
-                     "--selector", "site=lab", *options)
-    assert done.returncode == 0, done.stderr
-    return json.loads(fleet.cli("rollout", "list", "--json").stdout)[0]
-
-
-def _status(fleet, rollout_id: str) -> dict:
-    return fleet.get(f"/api/v1/rollouts/{rollout_id}").json()
-
-
 def _mid_wave(fleet, rollout_id: str) -> bool:
     """The second wave is under way: some of its devices told, not all of them healthy."""
-    status = _status(fleet, rollout_id)
+    status = rollout_status(fleet, rollout_id)
     if status["wave"] != 2 or len(status["waves"]) < 2:
         return False
     states = status["waves"][1]["states"]
     return states.get("pending", 0) == 0 and states.get("healthy", 0) < sum(states.values())
-
-
-def _ended(fleet, rollout_id: str, timeout: float) -> dict:
-    return wait_until(lambda: (s := _status(fleet, rollout_id))["status"]
-                      in ("completed", "halted", "aborted") and s,
-                      timeout=timeout, interval=1, what=f"rollout {rollout_id} to end")
-
-
-def _deploys_per_device(fleet, version: int) -> Counter:
-    listed = fleet.cli("audit", "list", "--subject", f"bundle:detector:{version}", "--json",
-                       "--limit", "500")
-    assert listed.returncode == 0, listed.stderr
-    told: Counter = Counter()
-    for entry in json.loads(listed.stdout):
-        if entry["action"] == "deploy":
-            told.update(list(entry["details"]["generations"]))  # ids, not generations
-    return told
-
-
-def _received_per_device(fleet, version: int) -> Counter:
-    received: Counter = Counter()
-    for device_id in IDS:
-        received[device_id] = sum(
-            1 for e in fleet.events(device_id) if e["event"] == "desired_received"
-            and (e.get("detail") or {}).get("bundle", {}).get("version") == version)
-    return received
 
 
 @pytest.mark.timeout(900)
@@ -110,48 +75,48 @@ def test_controller_killed_and_broker_restarted_mid_wave_and_stuck_devices(
             "--inferences", "2", "--faults", str(faults), "--label", "site=lab",
             "--threads", "1", "--retry", "2",
         ], tmp_path / "simulate.log", {})
-        wait_until(lambda: sum(d["online"] for d in _devices(fleet).values()) == COUNT,
+        wait_until(lambda: sum(d["online"] for d in devices_by_id(fleet).values()) == COUNT,
                    timeout=120, interval=1, what=f"{COUNT} devices online")
 
         # 1. The controller (the whole fleet worker) is killed in the middle of wave 2.
-        first = _create(fleet, 1, "--waves", "3,100%", "--bake", "2")
+        first = create_rollout(fleet, 1, "--waves", "3,100%", "--bake", "2")
         wait_until(lambda: _mid_wave(fleet, first["id"]), timeout=120, interval=0.1,
                    what="the second wave under way")
         fleet.kill9()
         fleet = start_fleet(tmp_path, broker_url, database_url, port=port,
                             publisher_broker_url=publisher_url)
-        done = _ended(fleet, first["id"], timeout=240)
+        done = rollout_ended(fleet, first["id"], timeout=240)
         assert done["status"] == "completed", done
         assert all(w["states"] == {"healthy": w["devices"]} for w in done["waves"]), done
 
         # 2. The broker is restarted in the middle of wave 2.
-        second = _create(fleet, 2, "--waves", "3,100%", "--bake", "2")
+        second = create_rollout(fleet, 2, "--waves", "3,100%", "--bake", "2")
         wait_until(lambda: _mid_wave(fleet, second["id"]), timeout=120, interval=0.1,
                    what="the second wave under way")
         mosquitto.stop()
         mosquitto.start()
-        done = _ended(fleet, second["id"], timeout=300)
+        done = rollout_ended(fleet, second["id"], timeout=300)
         assert done["status"] == "completed", done
         assert all(w["states"] == {"healthy": w["devices"]} for w in done["waves"]), done
 
         # Each device was told of each version once, and says it received it once.
-        wait_until(lambda: all(_active(d) == 2 for d in _devices(fleet).values()),
+        wait_until(lambda: all_on(fleet, 2),
                    timeout=60, interval=1, what="every device on v2")
         for version in (1, 2):
-            told = _deploys_per_device(fleet, version)
+            told = told_of(fleet, version)
             assert told == Counter(dict.fromkeys(IDS, 1)), (version, told)
-            received = _received_per_device(fleet, version)
-            assert received == Counter(dict.fromkeys(IDS, 1)), (version, received)
+            got = Counter({d: received(fleet, d, version) for d in IDS})
+            assert got == Counter(dict.fromkeys(IDS, 1)), (version, got)
 
         # 3. Three devices are offline through their wave: re-driven, then stuck; the
         # rollout completes without them.
         offline = IDS[:3]
         faults.write_text(json.dumps({"devices": {d: {"offline": True} for d in offline}}))
-        wait_until(lambda: not any(_devices(fleet)[d]["online"] for d in offline),
+        wait_until(lambda: not any(devices_by_id(fleet)[d]["online"] for d in offline),
                    timeout=60, interval=1, what="three devices offline")
-        third = _create(fleet, 3, "--waves", "100%", "--bake", "2", "--stuck-timeout", "4",
+        third = create_rollout(fleet, 3, "--waves", "100%", "--bake", "2", "--stuck-timeout", "4",
                         "--max-redrives", "1")
-        done = _ended(fleet, third["id"], timeout=240)
+        done = rollout_ended(fleet, third["id"], timeout=240)
         assert done["status"] == "completed", done
         assert done["waves"][0]["states"] == {"healthy": COUNT - 3, "stuck": 3}, done
         listed = fleet.cli("rollout", "status", third["id"], "--devices", "--state", "stuck",
@@ -159,14 +124,12 @@ def test_controller_killed_and_broker_restarted_mid_wave_and_stuck_devices(
         stuck = json.loads(listed.stdout)["devices"]
         assert sorted(d["device_id"] for d in stuck) == offline
         assert all(d["redrives"] == 1 for d in stuck), stuck
-        audit = json.loads(fleet.cli("audit", "list", "--subject", f"rollout:{third['id']}",
-                                     "--json").stdout)
-        actions = [e["action"] for e in audit]
+        actions = [e["action"] for e in rollout_audit(fleet, third["id"])]
         assert "rollout.redrive" in actions and "rollout.stuck" in actions, actions
 
         # Back online, they pick up the desired state that waited for them (retained).
         faults.write_text(json.dumps({"devices": {}}))
-        wait_until(lambda: all(_active(_devices(fleet)[d]) == 3 for d in offline),
+        wait_until(lambda: all(active_version(devices_by_id(fleet)[d]) == 3 for d in offline),
                    timeout=120, interval=1, what="the stuck devices on v3 once back")
     finally:
         if sim is not None:

@@ -14,6 +14,7 @@ import json
 import pytest
 
 from tests.fixtures.processes import console_script, spawn
+from tests.fixtures.rollouts import active_version, create_rollout, devices_by_id, rollout_status
 from tests.fixtures.waiting import wait_until
 
 COUNT = 20
@@ -28,25 +29,8 @@ def database_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'fleet.db'}"
 
 
-def _devices(fleet) -> dict[str, dict]:
-    return {d["id"]: d for d in fleet.get("/api/v1/devices").json()}
-
-
-def _active(device: dict) -> int | None:
-    model = device.get("active_model")
-    return model["version"] if model else None
-
-
 def _rollout(fleet, version: int) -> dict:
-    done = fleet.cli("rollout", "create", "detector", "--version", str(version),
-                     "--selector", "site=lab", "--waves", "1,5,100%", "--bake", "2")
-    assert done.returncode == 0, done.stderr
-    listed = json.loads(fleet.cli("rollout", "list", "--json").stdout)
-    return listed[0]
-
-
-def _status(fleet, rollout_id: str) -> dict:
-    return fleet.get(f"/api/v1/rollouts/{rollout_id}").json()
+    return create_rollout(fleet, version, "--waves", "1,5,100%", "--bake", "2")
 
 
 @pytest.mark.timeout(600)
@@ -69,27 +53,27 @@ def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolle
         "--threads", "1",
     ], tmp_path / "simulate.log", {})
     try:
-        wait_until(lambda: all((d := _devices(fleet_server).get(i)) and d["online"]
+        wait_until(lambda: all((d := devices_by_id(fleet_server).get(i)) and d["online"]
                                for i in IDS), timeout=90, interval=0.5, what="20 devices")
 
         # A good bundle (v1 first: every device then has a version to compare with).
         first = _rollout(fleet_server, 1)
-        done = wait_until(lambda: (s := _status(fleet_server, first["id"]))["status"]
+        done = wait_until(lambda: (s := rollout_status(fleet_server, first["id"]))["status"]
                           in ("completed", "halted") and s, timeout=180, interval=1,
                           what="the first rollout to end")
         assert done["status"] == "completed", done
         assert [w["devices"] for w in done["waves"]] == [1, 4, 15]
         assert all(w["states"] == {"healthy": w["devices"]} for w in done["waves"]), done["waves"]
-        assert all(_active(d) == 1 for d in _devices(fleet_server).values())
+        assert all(active_version(d) == 1 for d in devices_by_id(fleet_server).values())
         second = _rollout(fleet_server, 2)
-        wait_until(lambda: _status(fleet_server, second["id"])["status"] == "completed",
+        wait_until(lambda: rollout_status(fleet_server, second["id"])["status"] == "completed",
                    timeout=180, interval=1, what="the second good rollout")
 
         # A bad bundle: a third of the devices fail its health check.
         faults.write_text(json.dumps({"devices": {
             i: {"fail_health_check": True} for i in FAILING}}))
         bad = _rollout(fleet_server, 3)
-        halted = wait_until(lambda: (s := _status(fleet_server, bad["id"]))["status"]
+        halted = wait_until(lambda: (s := rollout_status(fleet_server, bad["id"]))["status"]
                             in ("completed", "halted") and s, timeout=180, interval=1,
                             what="the bad rollout to end")
         assert halted["status"] == "halted", halted
@@ -104,15 +88,15 @@ def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolle
         not_on_v2: dict = {}
 
         def rolled_back():
-            listed = _devices(fleet_server)
+            listed = devices_by_id(fleet_server)
             not_on_v2.clear()
-            not_on_v2.update({i: (_active(d), d["desired"]) for i, d in listed.items()
-                              if _active(d) != 2})
+            not_on_v2.update({i: (active_version(d), d["desired"]) for i, d in listed.items()
+                              if active_version(d) != 2})
             return not not_on_v2
         try:
             wait_until(rolled_back, timeout=120, interval=1, what="every device back on v2")
         except AssertionError:
-            rows = _status(fleet_server, bad["id"])
+            rows = rollout_status(fleet_server, bad["id"])
             raise AssertionError(f"not on v2: {not_on_v2}; rollout: {rows}") from None
         audit = json.loads(fleet_server.cli("audit", "list", "--subject",
                                             f"rollout:{bad['id']}", "--json").stdout)
