@@ -354,7 +354,9 @@ def _coerce(spec: TensorSpec, value: Any) -> np.ndarray:
                 f"{prefix}: expected shape {spec.describe_shape()}, given {given_shape}: "
                 f"{what} {got}, expected {want}"
             )
-    result = np.ascontiguousarray(array, dtype=target)
+    # np.require, not np.ascontiguousarray: that one makes a 0-d (scalar) input 1-d, and
+    # the prepared input would no longer match its own spec.
+    result = np.require(array, dtype=target, requirements="C")
     if not spec.allow_nan and target.kind == "f" and result.size and _has_nan(result):
         _refuse_nan(spec, result)
     return result

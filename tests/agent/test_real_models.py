@@ -352,3 +352,16 @@ def _reshape_tflite(path: Path) -> None:
     builder = flatbuffers.Builder(256)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     path.write_bytes(builder.Output())
+
+
+def test_a_scalar_input_stays_a_scalar_when_prepared_again(vad_model):
+    """Prepared inputs are what the engine runs (and what drift summarises): preparing
+    them again must give the same shapes, a 0-d ``sr`` included."""
+    from agent.runtime.engine import prepare_inputs
+
+    specs = vad_model.engine.inputs
+    first = prepare_inputs(specs, {"input": np.zeros((1, 512), np.float32),
+                                   "state": np.zeros((2, 1, 128), np.float32), "sr": 16000})
+    assert first["sr"].shape == ()
+    again = prepare_inputs(specs, first)
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in first.items()}
