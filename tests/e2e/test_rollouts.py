@@ -4,7 +4,9 @@
 The only injected thing is the simulator's fault file (a health-check verdict after the
 real check: ``agent/simulate/device.py``). A good bundle goes through every wave; a bundle
 that fails its health check on 30% of devices is halted in the first wave that shows it,
-that wave's updated devices are rolled back, and no device of a later wave ever gets it.
+every device it updated is rolled back (``--on-failure rollback-all``: earlier waves too;
+test_rollout_acceptance.py proves the default, the failing wave only), and no device of a
+later wave ever gets it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def database_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'fleet.db'}"
 
 
-def _rollout(fleet, version: int) -> dict:
-    return create_rollout(fleet, version, "--waves", "1,5,100%", "--bake", "2")
+def _rollout(fleet, version: int, *options: str) -> dict:
+    return create_rollout(fleet, version, "--waves", "1,5,100%", "--bake", "2", *options)
 
 
 @pytest.mark.timeout(600)
@@ -72,7 +74,7 @@ def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolle
         # A bad bundle: a third of the devices fail its health check.
         faults.write_text(json.dumps({"devices": {
             i: {"fail_health_check": True} for i in FAILING}}))
-        bad = _rollout(fleet_server, 3)
+        bad = _rollout(fleet_server, 3, "--on-failure", "rollback-all")
         halted = wait_until(lambda: (s := rollout_status(fleet_server, bad["id"]))["status"]
                             in ("completed", "halted") and s, timeout=180, interval=1,
                             what="the bad rollout to end")
@@ -84,7 +86,7 @@ def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolle
         in_wave = halted["waves"][halted_wave - 1]["states"]
         assert in_wave.get("failed", 0) >= 1 and "healthy" not in in_wave, in_wave
 
-        # The wave's updated devices go back to v2; nobody outside ever got v3.
+        # Every device it updated goes back to v2; nobody outside ever got v3.
         not_on_v2: dict = {}
 
         def rolled_back():
