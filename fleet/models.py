@@ -457,6 +457,8 @@ class RolloutDevice(SQLModel, table=True):
     model_errors_at_install: int = Field(default=0, sa_type=BigInteger)
     client_errors_at_install: int = Field(default=0, sa_type=BigInteger)
     latency_p95_before: float | None = None
+    # No longer read (a reconnection alone is not a device's fault: see the offline
+    # gate); kept because existing databases have the column, NOT NULL.
     connection_at_notify: int = Field(default=0, sa_type=BigInteger)
     # The agent's uptime when notified: lower later means its agent restarted since.
     uptime_at_notify: float | None = None

@@ -98,6 +98,8 @@ def _tick(engine: Engine, signer, publish: Publisher, now: datetime,
     with Session(engine) as session:
         running = list(session.exec(select(Rollout.id).where(
             Rollout.status == RolloutStatus.RUNNING.value)))
+    for ended in set(_last_pickup) - set(running):  # only running rollouts pick up
+        del _last_pickup[ended]
     done: list[str] = []
     for rollout_id in running:
         with Session(engine) as session:
@@ -181,7 +183,6 @@ def _notify(session: Session, rollout: Rollout, device_ids: list[str], signer,
         row.client_errors_at_install = int(beat.get("client_error_count", 0))
         row.latency_p95_before = (beat.get("latency_ms_p95")
                                   if device and device.active_model_name else None)
-        row.connection_at_notify = device.connection if device else 0
         uptime = beat.get("uptime_s")
         row.uptime_at_notify = float(uptime) if isinstance(uptime, int | float) else None
         if device and device.active_model_name is not None:

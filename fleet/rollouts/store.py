@@ -126,12 +126,7 @@ def create_rollout(
         targets = sorted(known)
     if not targets:
         raise InvalidRequestError(f"no device matches {selector or device_ids!r}")
-    busy = session.exec(
-        select(RolloutDevice.device_id).join(Rollout, col(Rollout.id) == col(
-            RolloutDevice.rollout_id))
-        .where(col(Rollout.status).in_(ACTIVE))
-        .where(col(RolloutDevice.device_id).in_(targets))
-    ).all()
+    busy = _in_active_rollouts(session, targets)
     if busy:
         raise RolloutStateError(
             f"already in an active rollout: {', '.join(sorted(busy)[:20])}")
@@ -164,6 +159,15 @@ def create_rollout(
     return rollout
 
 
+def _in_active_rollouts(session: Session, device_ids: list[str]) -> set[str]:
+    """Which of these devices an active rollout already steers."""
+    return set(session.exec(
+        select(RolloutDevice.device_id).join(Rollout, col(Rollout.id) == col(
+            RolloutDevice.rollout_id))
+        .where(col(Rollout.status).in_(ACTIVE))
+        .where(col(RolloutDevice.device_id).in_(device_ids))))
+
+
 def pick_up_new_matches(session: Session, rollout: Rollout, actor: str) -> list[str]:
     """Devices that have come to match a running rollout's selector since it was created
     (a new device, new labels or tags) join the wave in progress: finished waves are never
@@ -178,11 +182,7 @@ def pick_up_new_matches(session: Session, rollout: Rollout, actor: str) -> list[
     candidates = sorted(matching - already)
     if not candidates:
         return []
-    busy = set(session.exec(
-        select(RolloutDevice.device_id).join(Rollout, col(Rollout.id) == col(
-            RolloutDevice.rollout_id))
-        .where(col(Rollout.status).in_(ACTIVE))
-        .where(col(RolloutDevice.device_id).in_(candidates))))
+    busy = _in_active_rollouts(session, candidates)
     joining = [d for d in candidates if d not in busy]
     if not joining:
         return []

@@ -27,7 +27,6 @@ import json
 
 import pytest
 
-from tests.fixtures.processes import console_script, spawn
 from tests.fixtures.rollouts import (
     all_on,
     create_rollout,
@@ -37,6 +36,7 @@ from tests.fixtures.rollouts import (
     rollout_ended,
     told_of,
 )
+from tests.fixtures.simulator import publish_versions, start_simulator, write_faults
 from tests.fixtures.waiting import wait_until
 
 COUNT = 200
@@ -60,22 +60,11 @@ def _members(fleet, rollout_id: str, wave: int) -> list[str]:
 def test_two_hundred_devices_a_good_rollout_and_three_bad_ones_halted_in_their_first_wave(
     tmp_path, fleet_server, mosquitto, make_bundle
 ):
-    for version in range(1, 6):
-        published = fleet_server.cli("bundle", "publish", str(make_bundle(
-            version=version, seed=version).path))
-        assert published.returncode == 0, published.stderr
-    brokers = tmp_path / "brokers.json"
-    brokers.write_text(json.dumps({i: mosquitto.url_for(i) for i in IDS}))
-    faults = tmp_path / "faults.json"
+    publish_versions(fleet_server, make_bundle, ((v, v) for v in range(1, 6)))
     fault_file: dict = {"defaults": {"latency_ms": BASE_LATENCY_MS}, "devices": {}}
-    faults.write_text(json.dumps(fault_file))
-    sim = spawn([
-        *console_script("edge-agent"), "simulate", "--devices", str(COUNT),
-        "--fleet", fleet_server.url, "--brokers-file", str(brokers),
-        "--state-root", str(tmp_path / "sim"), "--interval", "2", "--keepalive", "10",
-        "--inferences", "3", "--load-threads", "24", "--faults", str(faults),
-        "--label", "site=lab", "--threads", "1", "--retry", "2",
-    ], tmp_path / "simulate.log", {})
+    sim, faults = start_simulator(
+        tmp_path, fleet_server.url, mosquitto, IDS, fault_file, "--interval", "2",
+        "--keepalive", "10", "--inferences", "3", "--load-threads", "24", "--retry", "2")
     try:
         wait_until(lambda: sum(d["online"] for d in devices_by_id(fleet_server).values()) == COUNT,
                    timeout=240, interval=2, what=f"{COUNT} devices online")
@@ -109,7 +98,7 @@ def test_two_hundred_devices_a_good_rollout_and_three_bad_ones_halted_in_their_f
             else:
                 faults_now = {d: {"error_rate": 0.2, "only_versions": [4]} for d in IDS}
             fault_file["devices"] = faults_now
-            faults.write_text(json.dumps(fault_file))
+            write_faults(faults, fault_file)
             resumed = fleet_server.cli("rollout", "resume", rollout["id"])
             assert resumed.returncode == 0, resumed.stderr
 
@@ -134,7 +123,7 @@ def test_two_hundred_devices_a_good_rollout_and_three_bad_ones_halted_in_their_f
         # v5: client errors rise (half the requests malformed), model errors do not.
         fault_file["devices"] = {d: {"client_error_rate": 0.5, "only_versions": [5]}
                                  for d in IDS}
-        faults.write_text(json.dumps(fault_file))
+        write_faults(faults, fault_file)
         rollout = create_rollout(fleet_server, 5, "--waves", "20,100%", "--bake", "15",
                           "--min-devices", "10", "--min-inferences", "10")
         done = rollout_ended(fleet_server, rollout["id"], timeout=400)

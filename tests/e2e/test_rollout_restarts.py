@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.fixtures.broker import FLEET_ACCOUNT, PUBLISHER_ACCOUNT
-from tests.fixtures.processes import console_script, spawn, start_fleet
+from tests.fixtures.processes import start_fleet
 from tests.fixtures.rollouts import (
     active_version,
     all_on,
@@ -29,6 +29,7 @@ from tests.fixtures.rollouts import (
     rollout_status,
     told_of,
 )
+from tests.fixtures.simulator import publish_versions, start_simulator, write_faults
 from tests.fixtures.waiting import wait_until
 
 COUNT = 30
@@ -60,21 +61,10 @@ def test_controller_killed_and_broker_restarted_mid_wave_and_stuck_devices(
     port = urlsplit(fleet.url).port
     sim = None
     try:
-        for version in (1, 2, 3):
-            published = fleet.cli("bundle", "publish", str(make_bundle(
-                version=version, seed=version).path))
-            assert published.returncode == 0, published.stderr
-        brokers = tmp_path / "brokers.json"
-        brokers.write_text(json.dumps({i: mosquitto.url_for(i) for i in IDS}))
-        faults = tmp_path / "faults.json"
-        faults.write_text(json.dumps({"devices": {}}))
-        sim = spawn([
-            *console_script("edge-agent"), "simulate", "--devices", str(COUNT),
-            "--fleet", fleet.url, "--brokers-file", str(brokers),
-            "--state-root", str(tmp_path / "sim"), "--interval", "1", "--keepalive", "5",
-            "--inferences", "2", "--faults", str(faults), "--label", "site=lab",
-            "--threads", "1", "--retry", "2",
-        ], tmp_path / "simulate.log", {})
+        publish_versions(fleet, make_bundle, ((v, v) for v in (1, 2, 3)))
+        sim, faults = start_simulator(
+            tmp_path, fleet.url, mosquitto, IDS, {"devices": {}}, "--interval", "1",
+            "--keepalive", "5", "--inferences", "2", "--retry", "2")
         wait_until(lambda: sum(d["online"] for d in devices_by_id(fleet).values()) == COUNT,
                    timeout=120, interval=1, what=f"{COUNT} devices online")
 
@@ -111,7 +101,7 @@ def test_controller_killed_and_broker_restarted_mid_wave_and_stuck_devices(
         # 3. Three devices are offline through their wave: re-driven, then stuck; the
         # rollout completes without them.
         offline = IDS[:3]
-        faults.write_text(json.dumps({"devices": {d: {"offline": True} for d in offline}}))
+        write_faults(faults, {"devices": {d: {"offline": True} for d in offline}})
         wait_until(lambda: not any(devices_by_id(fleet)[d]["online"] for d in offline),
                    timeout=60, interval=1, what="three devices offline")
         third = create_rollout(fleet, 3, "--waves", "100%", "--bake", "2", "--stuck-timeout", "4",
@@ -128,7 +118,7 @@ def test_controller_killed_and_broker_restarted_mid_wave_and_stuck_devices(
         assert "rollout.redrive" in actions and "rollout.stuck" in actions, actions
 
         # Back online, they pick up the desired state that waited for them (retained).
-        faults.write_text(json.dumps({"devices": {}}))
+        write_faults(faults, {"devices": {}})
         wait_until(lambda: all(active_version(devices_by_id(fleet)[d]) == 3 for d in offline),
                    timeout=120, interval=1, what="the stuck devices on v3 once back")
     finally:

@@ -15,8 +15,8 @@ import json
 
 import pytest
 
-from tests.fixtures.processes import console_script, spawn
 from tests.fixtures.rollouts import active_version, create_rollout, devices_by_id, rollout_status
+from tests.fixtures.simulator import publish_versions, start_simulator, write_faults
 from tests.fixtures.waiting import wait_until
 
 COUNT = 20
@@ -39,21 +39,9 @@ def _rollout(fleet, version: int, *options: str) -> dict:
 def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolled_back(
     tmp_path, fleet_server, mosquitto, make_bundle
 ):
-    for version, seed in ((1, 0), (2, 1), (3, 2)):
-        published = fleet_server.cli("bundle", "publish", str(make_bundle(version=version,
-                                                                         seed=seed).path))
-        assert published.returncode == 0, published.stderr
-    brokers = tmp_path / "brokers.json"
-    brokers.write_text(json.dumps({i: mosquitto.url_for(i) for i in IDS}))
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"devices": {}}))
-    sim = spawn([
-        *console_script("edge-agent"), "simulate", "--devices", str(COUNT),
-        "--fleet", fleet_server.url, "--brokers-file", str(brokers),
-        "--state-root", str(tmp_path / "sim"), "--interval", "1", "--keepalive", "5",
-        "--inferences", "5", "--faults", str(faults), "--label", "site=lab",
-        "--threads", "1",
-    ], tmp_path / "simulate.log", {})
+    publish_versions(fleet_server, make_bundle, ((1, 0), (2, 1), (3, 2)))
+    sim, faults = start_simulator(tmp_path, fleet_server.url, mosquitto, IDS, {"devices": {}},
+                                  "--interval", "1", "--keepalive", "5", "--inferences", "5")
     try:
         wait_until(lambda: all((d := devices_by_id(fleet_server).get(i)) and d["online"]
                                for i in IDS), timeout=90, interval=0.5, what="20 devices")
@@ -72,8 +60,7 @@ def test_a_good_bundle_goes_through_every_wave_and_a_bad_one_is_halted_and_rolle
                    timeout=180, interval=1, what="the second good rollout")
 
         # A bad bundle: a third of the devices fail its health check.
-        faults.write_text(json.dumps({"devices": {
-            i: {"fail_health_check": True} for i in FAILING}}))
+        write_faults(faults, {"devices": {i: {"fail_health_check": True} for i in FAILING}})
         bad = _rollout(fleet_server, 3, "--on-failure", "rollback-all")
         halted = wait_until(lambda: (s := rollout_status(fleet_server, bad["id"]))["status"]
                             in ("completed", "halted") and s, timeout=180, interval=1,

@@ -14,9 +14,7 @@ a network loss (MQTT DISCONNECT with Last Will).
 
 from __future__ import annotations
 
-import json
-
-from tests.fixtures.processes import console_script, spawn
+from tests.fixtures.simulator import publish_versions, start_simulator, write_faults
 from tests.fixtures.waiting import wait_until
 
 COUNT = 50
@@ -42,29 +40,17 @@ def _active(device: dict) -> int | None:
 
 
 def _write(path, faults: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"devices": faults}))
-    tmp.replace(path)
+    write_faults(path, {"devices": faults})
 
 
 def test_fifty_simulated_devices_register_update_and_show_each_injected_fault(
     tmp_path, fleet_server, mosquitto, make_bundle
 ):
-    for version, seed in ((1, 0), (2, 1)):
-        published = fleet_server.cli("bundle", "publish", str(make_bundle(version=version,
-                                                                         seed=seed).path))
-        assert published.returncode == 0, published.stderr
-    brokers = tmp_path / "brokers.json"
-    brokers.write_text(json.dumps({i: mosquitto.url_for(i) for i in IDS}))
-    faults = tmp_path / "faults.json"
-    _write(faults, {IDS[0]: {"labels": {"ring": "canary"}}})
-    sim = spawn([
-        *console_script("edge-agent"), "simulate", "--devices", str(COUNT),
-        "--fleet", fleet_server.url, "--brokers-file", str(brokers),
-        "--state-root", str(tmp_path / "sim"), "--interval", "1", "--keepalive", "5",
-        "--inferences", "5", "--restart-delay", "0.5", "--faults", str(faults),
-        "--label", "site=lab", "--threads", "1",
-    ], tmp_path / "simulate.log", {})
+    publish_versions(fleet_server, make_bundle, ((1, 0), (2, 1)))
+    sim, faults = start_simulator(
+        tmp_path, fleet_server.url, mosquitto, IDS,
+        {"devices": {IDS[0]: {"labels": {"ring": "canary"}}}}, "--interval", "1",
+        "--keepalive", "5", "--inferences", "5", "--restart-delay", "0.5")
     try:
         # All register, online, heartbeating, with their labels.
         def all_registered():

@@ -14,26 +14,20 @@ from sqlmodel import Session
 
 from agent.contract import BundleRef, utcnow
 from fleet import deployments
-from fleet.db import init_db, make_engine
 from fleet.desired_resend import resend_unacknowledged
 from fleet.models import Bundle, Device, DeviceDesired
-from fleet.trust.repository import FleetRepository
 
 
 @pytest.fixture
-def fleet_db(database_url, tmp_path):
-    engine = make_engine(database_url)
-    init_db(engine)
-    repository = FleetRepository(tmp_path / "data")
-    repository.init()
+def fleet_db(fleet_store):
+    engine, repository = fleet_store
     with Session(engine) as session:
         session.add(Bundle(name="m", version=1, target_name="m-1.bundle", sha256="0" * 64,
                            size=1, runtime="onnx", manifest={}))
         for device_id, online in (("on-1", True), ("on-2", True), ("off-1", False)):
             session.add(Device(id=device_id, online=online))
         session.commit()
-    yield engine, repository
-    engine.dispose()
+    return engine, repository
 
 
 def _deploy(engine, repository, published: list) -> dict[str, int]:

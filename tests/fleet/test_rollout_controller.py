@@ -11,30 +11,24 @@ import pytest
 from sqlmodel import Session, select
 
 from agent.contract import BundleRef, EventMessage, utcnow
-from fleet.db import init_db, make_engine
 from fleet.errors import InvalidRequestError
 from fleet.models import AuditEntry, Bundle, Device, RolloutDevice
 from fleet.rollouts import controller, store
 from fleet.rollouts.machine import Policy, RolloutStatus
 from fleet.rollouts.waves import parse_waves
-from fleet.trust.repository import FleetRepository
 
 IDS = [f"cam-{i}" for i in range(5)]
 
 
 @pytest.fixture
-def fleet_db(database_url, tmp_path):
-    engine = make_engine(database_url)
-    init_db(engine)
-    repository = FleetRepository(tmp_path / "data")
-    repository.init()
+def fleet_db(fleet_store):
+    engine, repository = fleet_store
     with Session(engine) as session:
         session.add(Bundle(name="m", version=2, target_name="m-2.bundle", sha256="0" * 64,
                            size=1, runtime="onnx", manifest={}))
         session.add_all(Device(id=i, online=True, labels={"site": "lab"}) for i in IDS)
         session.commit()
-    yield engine, repository.online_signer("director")
-    engine.dispose()
+    return engine, repository.online_signer("director")
 
 
 def _states(engine) -> dict[str, str]:
