@@ -8,8 +8,6 @@ by its ``add-account.sh``); real ``edge-fleet serve`` and ``edge-agent run``.
 
 from __future__ import annotations
 
-import time
-
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -34,12 +32,15 @@ def test_broker_refuses_a_device_publishing_as_another(fleet_server, mosquitto):
         own = device_a.publish(topic("dev-a", "telemetry"), _beat("dev-a"))
         forged = device_a.publish(topic("dev-b", "telemetry"), _beat("dev-b"))
         desired = device_a.publish(topic("dev-a", "desired"), b"{}")  # devices never write it
-        assert own not in device_a.refusals
+        # Sent last on the same connection: once the fleet has it, it would have had the
+        # forged one (which came before) too.
+        marker = device_a.publish(topic("dev-a", "telemetry"), _beat("dev-a", seq=2))
+        assert own not in device_a.refusals and marker not in device_a.refusals
         assert forged in device_a.refusals and desired in device_a.refusals
     finally:
         device_a.close()
-    wait_until(lambda: fleet_server.device("dev-a"), timeout=10, what="dev-a's own message")
-    time.sleep(0.5)
+    wait_until(lambda: len(fleet_server.get("/api/v1/devices/dev-a/telemetry").json()) == 2,
+               timeout=10, what="dev-a's two heartbeats")
     assert fleet_server.device("dev-b") is None
 
 
@@ -60,8 +61,9 @@ def test_a_device_cannot_read_another_devices_desired_state(mosquitto):
         wait_until(lambda: subscribed, timeout=5, what="SUBACK")
         fleet.publish(topic("dev-b", "desired"), b"for dev-b only")
         fleet.publish(topic("dev-a", "desired"), b"for dev-a")
+        # Published after dev-b's on the same connection: had dev-b's been delivered, it
+        # would have come first.
         wait_until(lambda: received, timeout=5, what="dev-a's own desired state")
-        time.sleep(0.3)
     finally:
         fleet.close()
         client.disconnect()
