@@ -100,6 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, default=state_dir_default, help=state_dir_help)
     run.add_argument("--interval", type=float, default=10.0,
                      help="seconds between heartbeats (default 10)")
+    run.add_argument("--drift-window", type=float, default=300.0,
+                     help="seconds per drift window: the serving bundle's input and output "
+                     "histograms are sent once per window (default 300)")
     run.add_argument("--keepalive", type=int, default=15,
                      help="MQTT keepalive seconds: how soon the fleet learns of a lost "
                      "device (default 15)")
@@ -282,6 +285,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.fleet_silence <= 0:
         print("error: --fleet-silence must be greater than 0", file=sys.stderr)
         return 2
+    if not 0 < args.drift_window <= 86400:
+        print("error: --drift-window must be in (0, 86400] seconds", file=sys.stderr)
+        return 2
     listen = None
     if args.listen != "off" and args.socket is None:
         host, _, port = args.listen.rpartition(":")
@@ -323,6 +329,7 @@ def _run(args: argparse.Namespace) -> int:
                 broker_source=broker_source,
                 fleet_silence_s=args.fleet_silence,
                 labels=labels,
+                drift_window_s=args.drift_window,
             )
         )
     except (OSError, SlotsBusyError) as exc:  # state dir not writable, port taken, ...

@@ -71,6 +71,7 @@ __all__ = [
     "DesiredState",
     "DeviceId",
     "DriftMessage",
+    "DriftThresholdSpec",
     "EventMessage",
     "FeatureHistogram",
     "FileEntry",
@@ -506,16 +507,29 @@ class SummarySpec(_Strict, kw_only=True, omit_defaults=True):
             raise ValueError(f"a {self.kind!r} summary needs {needed!r}")
 
 
-class Baseline(_Strict, kw_only=True):
+class DriftThresholdSpec(_Strict, kw_only=True, omit_defaults=True):
+    """The drift thresholds a bundle proposes for its model (the fleet's defaults where
+    unset; an operator's per-model settings override both): see ``fleet.drift.stats``."""
+
+    psi: Annotated[float, Meta(gt=0, le=100)] | None = None
+    js: Annotated[float, Meta(gt=0, le=1)] | None = None
+    wasserstein: Annotated[float, Meta(gt=0, le=1000)] | None = None
+    missing: Annotated[float, Meta(gt=0, le=1)] | None = None
+
+
+class Baseline(_Strict, kw_only=True, omit_defaults=True):
     """``baseline.json``: the training distribution of every feature the device tracks.
 
     ``summaries`` says how each input and output becomes features; empty (baselines built
     before summaries existed) means the model's one 2-D input, feature ``NAME[i]`` being
-    column ``i``. Output features are named ``output:...`` and live in ``features`` too."""
+    column ``i``. Output features are named ``output:...`` and live in ``features`` too.
+    ``thresholds``, when given, are the model's drift thresholds as its builder chose them.
+    Fields left at their defaults are left out of the file."""
 
     rows: Count
     features: Annotated[list[BaselineHistogram], Meta(max_length=MAX_FEATURES)]
     summaries: Annotated[list[SummarySpec], Meta(max_length=2 * MAX_TENSORS)] = []
+    thresholds: DriftThresholdSpec | None = None
 
     def __post_init__(self) -> None:
         names = [histogram.feature for histogram in self.features]

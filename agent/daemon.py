@@ -17,6 +17,10 @@ What the fleet can rely on while this runs:
   the fleet as ``rolled_back``. The daemon holds the slots' lock file for its whole life:
   no other process changes the slots while it runs.
 
+* the serving bundle's inputs and outputs are counted on its baseline's bins
+  (:mod:`agent.drift`); each closed window (``drift_window_s``, 5 minutes by default) goes
+  to ``drift`` through the outbox, as counts only: no input ever leaves the device.
+
 * the daemon says when it cannot work as a device of a fleet: at start-up when it is not
   enrolled (every desired state would be refused) or runs on the default broker for want
   of another, and once connected, if nothing comes from a fleet for ``fleet_silence_s``
@@ -61,6 +65,8 @@ from agent.contract import (
     utcnow,
 )
 from agent.control import ControlServer, socket_path
+from agent.drift.plan import BaselineError, DriftPlan, load_drift_plan
+from agent.drift.window import DEFAULT_SAMPLE_RATE, DEFAULT_WINDOW_S, DriftWindow, WindowReport
 from agent.endpoint import DEFAULT_MAX_REQUEST_BYTES, InferenceEndpoint
 from agent.errors import (
     StaleDesiredStateError,
@@ -172,6 +178,10 @@ class AgentConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     # STATE_DIR/agent.sock for `edge-agent rollback` / `status`; off for simulated devices.
     control_socket: bool = True
+    # Drift windows of the serving bundle (agent.drift.window): closed after this long,
+    # counting at most this many rows a second (None: every row).
+    drift_window_s: float = DEFAULT_WINDOW_S
+    drift_sample_rate: float | None = DEFAULT_SAMPLE_RATE
 
 
 class AgentDaemon:
@@ -192,7 +202,8 @@ class AgentDaemon:
             raise SlotsBusyError(
                 f"another edge-agent is running with state directory {config.state_dir}"
             )
-        self.host = ModelHost(self.stats)
+        self.host = ModelHost(self.stats, DriftWindow(
+            window_s=config.drift_window_s, sample_rate=config.drift_sample_rate))
         self.reconciler = Reconciler(
             self.state, self.installer, emit=self._event, current=lambda: self.host.current,
             on_swap=self._swap_model, retry_initial_s=config.retry_initial_s,
@@ -392,10 +403,35 @@ class AgentDaemon:
 
     def _swap_model(self, new: LoadedModel) -> None:
         """Requests in flight finish on the old engine; new ones go to ``new``."""
-        self.host.swap(new)
+        self.host.swap(new, self._drift_plan(new))
         release_free_memory()
         if self.link.connected:
             self._publish_reported()
+
+    def _drift_plan(self, model: LoadedModel) -> DriftPlan | None:
+        """The bundle's baseline matched to its tensors, or None (no baseline, or one this
+        agent cannot use: the model serves all the same, and the fleet is told why)."""
+        try:
+            plan = load_drift_plan(self.installer.slots.path(model.slot), model.manifest)
+        except BaselineError as exc:
+            log.warning("drift tracking off for %s v%d: %s", model.manifest.name,
+                        model.manifest.version, exc)
+            self._event("drift_unavailable", model=to_data(model.manifest.ref), error=str(exc))
+            return None
+        if plan is not None:
+            log.info("drift tracking %d features of %s v%d", len(plan.features),
+                     model.manifest.name, model.manifest.version)
+        return plan
+
+    def _queue_drift(self, reports: list[WindowReport]) -> None:
+        """Closed drift windows go through the outbox like events: a window is history the
+        fleet keeps, so an outage delays it, never loses it."""
+        for report in reports:
+            for message in report.messages(self.config.device_id, self.state.next_seq):
+                self.outbox.put(message.seq, Channel.DRIFT.value, encode(message))
+            log.debug("queued drift window of %s v%d: %d rows, %d binned (%s)",
+                      report.model.name, report.model.version, report.rows, report.binned,
+                      report.reason)
 
     def _control_rollback(self) -> dict:
         """``edge-agent rollback``, asked over the control socket."""
@@ -513,6 +549,7 @@ class AgentDaemon:
         """What the main loop does every interval: checks, then queue a heartbeat."""
         self._check_fleet_silence()
         self.reconciler.follow_disk()
+        self._queue_drift(self.host.drift.poll())
         self._queue_heartbeat()  # also while offline: the outbox keeps it
 
     def set_labels(self, labels: Mapping[str, str]) -> None:
@@ -544,6 +581,7 @@ class AgentDaemon:
     def shutdown(self) -> None:
         """A clean stop: the backlog gets a moment, the fleet is told offline."""
         self._stop_threads()
+        self._queue_drift(self.host.drift.close())  # the window so far, not lost
         if self.link.connected:  # give the backlog a moment to reach the broker
             deadline = time.monotonic() + 2
             while self.outbox.stats().depth and time.monotonic() < deadline:

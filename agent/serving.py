@@ -4,21 +4,27 @@ Invariant: a request runs entirely on the engine it leased; :meth:`ModelHost.swa
 leases at the new model at once, and the old engine is closed only when its last in-flight
 request returns. So an update or rollback never fails, truncates or mixes a request, and the
 switch is visible as one clean change of the version in responses.
+
+Every answered request is also shown to the drift window (:mod:`agent.drift.window`), which
+counts the serving bundle's inputs and outputs on its baseline's bins; the window moves to
+the new bundle's plan when the model is swapped.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from agent.contract import to_data
+from agent.drift.plan import DriftPlan
+from agent.drift.window import DriftWindow
 from agent.installer import LoadedModel
-from agent.runtime.engine import InputData, InputError
+from agent.runtime.engine import InputData, InputError, prepare_inputs
 from agent.stats import InferenceStats
 
 __all__ = ["ModelHost", "NoModelError"]
@@ -29,15 +35,19 @@ class NoModelError(RuntimeError):
 
 
 class _Lease:
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, tracked: bool) -> None:
         self.model = model
         self.inflight = 0
         self.retired = False
+        self.tracked = tracked  # the drift window counts this model's requests
 
 
 class ModelHost:
-    def __init__(self, stats: InferenceStats | None = None) -> None:
+    def __init__(
+        self, stats: InferenceStats | None = None, drift: DriftWindow | None = None
+    ) -> None:
         self.stats = stats or InferenceStats()
+        self.drift = drift or DriftWindow()
         self._lock = threading.Lock()
         self._current: _Lease | None = None
 
@@ -46,19 +56,27 @@ class ModelHost:
         lease = self._current
         return lease.model if lease else None
 
-    def swap(self, model: LoadedModel | None) -> None:
-        """Serve ``model`` from now on; the previous engine closes once it is idle."""
+    def swap(self, model: LoadedModel | None, drift_plan: DriftPlan | None = None) -> None:
+        """Serve ``model`` from now on; the previous engine closes once it is idle.
+
+        ``drift_plan`` (the new bundle's baseline, matched to its tensors) starts a new
+        drift window: the current one closes as the old bundle's. A request of the old
+        model that finishes after the swap is not counted for the new one (its lease is
+        no longer current)."""
         with self._lock:
             old = self._current
             if old is not None and model is not None and old.model is model:
                 return
-            self._current = _Lease(model) if model is not None else None
+            if old is not None:
+                old.tracked = False  # before the window moves on: see infer()
+            self._current = _Lease(model, drift_plan is not None) if model is not None else None
             # p50/p95 from here on describe the new model alone: a rollout's latency gate
             # compares them with the previous version's on the same device.
             self.stats.restart_latencies()
             close_now = old is not None and old.inflight == 0
             if old is not None:
                 old.retired = True
+        self.drift.reset(drift_plan if model is not None else None)
         if close_now:
             old.model.engine.close()
 
@@ -91,7 +109,26 @@ class ModelHost:
             self.stats.record(time.perf_counter() - started)
         finally:
             self._release(lease)
+        if lease.tracked:
+            self._observe(model, data, outputs)
         return outputs, model
+
+    def _observe(self, model: LoadedModel, data: InputData, outputs: dict[str, np.ndarray]
+                 ) -> None:
+        """Show an answered request to the drift window, as the engine ran it (batch
+        first). The common request, one batched array for a one-input model, is passed
+        as it is; anything else (a single sample, lists, a mapping) is prepared again as
+        the engine prepared it, which only the already slower requests pay."""
+        specs = model.engine.inputs
+        if (type(data) is np.ndarray and len(specs) == 1
+                and data.ndim == len(specs[0].shape)):
+            feeds: Mapping[str, np.ndarray] = {specs[0].name: data}
+        else:
+            try:
+                feeds = prepare_inputs(specs, data)
+            except InputError:  # it ran, so this does not happen; never fail a request
+                return
+        self.drift.observe(feeds, outputs)
 
     def _acquire(self) -> _Lease:
         with self._lock:

@@ -433,6 +433,25 @@ def write_archive(path: Path, members: dict[str, bytes]) -> None:
     tmp.replace(path)
 
 
+def member_bytes(path: Path, name: str, max_bytes: int) -> bytes:
+    """One member of a built bundle, refused past ``max_bytes``."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.name != name:
+                    continue
+                if not member.isfile():
+                    raise BuildError(f"{path}: {name} is not a file")
+                if member.size > max_bytes:
+                    raise BuildError(f"{path}: {name} of {member.size} bytes is too large")
+                handle = tar.extractfile(member)
+                assert handle is not None
+                return handle.read()
+    except tarfile.TarError as exc:
+        raise BuildError(f"{path}: not a bundle: {exc}") from exc
+    raise BuildError(f"{path}: has no member {name}")
+
+
 def manifest_json(path: Path, max_bytes: int) -> dict:
     """The manifest of a built bundle (its first member), without unpacking the rest."""
     try:

@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
@@ -48,6 +49,7 @@ from agent.contract import (
     TOPIC_ROOT,
     Channel,
     DeviceMessageT,
+    DriftMessage,
     EventMessage,
     HeartbeatTelemetry,
     MessageRejected,
@@ -58,6 +60,7 @@ from agent.contract import (
 )
 from agent.mqtt import BrokerAddress, Inbound, MqttLink
 from fleet import devices, telemetry
+from fleet.drift import store as drift_store
 from fleet.rollouts import store as rollout_store
 
 __all__ = ["DIRECT_SUBSCRIPTIONS", "SUBSCRIPTIONS", "IngestMetrics", "IngestWorker"]
@@ -93,6 +96,7 @@ class IngestMetrics:
     rejected: Counter[str] = field(default_factory=Counter)
     heartbeats_stored: int = 0
     retained_cleared: int = 0
+    drift_alerts: Counter[str] = field(default_factory=Counter)  # raised / cleared
     last_lag_s: float | None = None
     max_lag_s: float = 0.0
     _per_second: deque[list[int]] = field(default_factory=deque, repr=False)
@@ -115,6 +119,10 @@ class IngestMetrics:
         with self._lock:
             self.heartbeats_stored += rows
 
+    def drift_alert(self, change: str) -> None:
+        with self._lock:
+            self.drift_alerts[change] += 1
+
     def reject(self, reason: str) -> None:
         with self._lock:
             self.rejected[reason] += 1
@@ -135,6 +143,7 @@ class IngestMetrics:
                 "rejected_total": sum(self.rejected.values()),
                 "heartbeats_stored": self.heartbeats_stored,
                 "retained_cleared": self.retained_cleared,
+                "drift_alerts": dict(self.drift_alerts),
                 "messages_per_s": round(recent / RATE_WINDOW_S, 2),
                 "lag_s_last": self.last_lag_s,
                 "lag_s_max": self.max_lag_s,
@@ -183,11 +192,18 @@ class IngestWorker:
         batch_max: int = 500,
         batch_wait_s: float = 0.05,
         shared: bool = False,
+        notify_drift: bool = False,
+        on_drift_alert: Callable[[], None] | None = None,
     ) -> None:
-        """``worker_id`` must be stable across restarts of the same worker: the broker keeps
+        """``notify_drift``: a drift webhook is configured (changed alerts wait for it);
+        ``on_drift_alert`` is called after a batch that raised or cleared one committed.
+
+        ``worker_id`` must be stable across restarts of the same worker: the broker keeps
         its session (subscriptions, unacknowledged messages) for ``session_expiry_s``.
         ``shared``: one of several workers splitting the streams (see the module notes)."""
         self.engine = engine
+        self.notify_drift = notify_drift
+        self.on_drift_alert = on_drift_alert
         self.subscriptions = SUBSCRIPTIONS if shared else DIRECT_SUBSCRIPTIONS
         self.metrics = IngestMetrics()
         self.batch_max = batch_max
@@ -375,7 +391,16 @@ class IngestWorker:
             for event in events:
                 if devices.apply_event(session, event):  # new, not a redelivered copy
                     rollout_store.on_event(session, event)
-            for device_id in {m.device_id for _, m in decoded if m.kind == "drift"}:
-                devices.touch(session, device_id)  # drift is stored by the drift feature
+            drift = [m for _, m in decoded if isinstance(m, DriftMessage)]
+            for device_id in {m.device_id for m in drift}:
+                devices.touch(session, device_id)
+            alerts = drift_store.apply_drift(session, drift, notify=self.notify_drift)
             session.commit()
         self.metrics.stored(stored)  # after the commit: a retried batch is counted once
+        for note in alerts:
+            self.metrics.drift_alert(note.change)
+            log.warning("drift alert %s: %s on %s v%d, score %.2f%s", note.change,
+                        note.device_id, note.model, note.version, note.score,
+                        f" ({', '.join(note.features[:5])})" if note.features else "")
+        if alerts and self.on_drift_alert is not None:
+            self.on_drift_alert()

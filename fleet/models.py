@@ -473,3 +473,86 @@ class ProtectedGroup(SQLModel, table=True):
     selector: str = Field(max_length=1024)
     created_by: str = Field(max_length=200)
     created_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+
+
+# --- drift -------------------------------------------------------------------------------
+
+
+class BundleBaseline(SQLModel, table=True):
+    """A published bundle's training baseline (its ``baseline.json``), kept at publish so
+    ingest compares drift windows with it without opening the bundle."""
+
+    __tablename__ = "bundle_baseline"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    version: int
+    baseline: dict = Field(sa_column=Column(JSON))
+
+
+class DriftPolicy(SQLModel, table=True):
+    """An operator's drift thresholds for one model name, over the bundle's defaults."""
+
+    __tablename__ = "drift_policy"
+
+    model: str = Field(primary_key=True, max_length=128)
+    settings: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    updated_by: str = Field(default="", max_length=200)
+
+
+class DriftWindowRow(SQLModel, table=True):
+    """One drift message of a device, judged: per feature ``[psi, js, wasserstein,
+    missing_delta, severity, rows]`` (None where the window had too few rows to judge).
+    Stored once per (device, seq) whatever the redeliveries."""
+
+    __tablename__ = "drift_window"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        Index("ix_drift_window_device_time", "device_id", "window_ended_at"),
+        Index("ix_drift_window_model_time", "model", "window_ended_at"),
+        Index("ix_drift_window_received", "received_at"),
+    )
+
+    id: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer(), "sqlite")
+    )
+    device_id: str = Field(max_length=64)
+    seq: int = Field(sa_type=BigInteger)
+    model: str = Field(max_length=128)
+    version: int
+    window_started_at: datetime | None = Field(default=None, sa_type=_tz())
+    window_ended_at: datetime = Field(sa_type=_tz())
+    received_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    rows: int | None = Field(default=None, sa_type=BigInteger)
+    score: float | None = None
+    features: dict = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class DriftAlert(SQLModel, table=True):
+    """A device's drift on one model: raised when its score crosses, cleared (hysteresis)
+    when it falls below the clear level. ``notice_*`` is the webhook's outbox: a raised or
+    cleared alert waits here until the receiver took it."""
+
+    __tablename__ = "drift_alert"
+    __table_args__ = (
+        Index("ix_drift_alert_device", "device_id", "model"),
+        Index("ix_drift_alert_notice", "notice_pending"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64)
+    model: str = Field(max_length=128)
+    version: int
+    raised_at: datetime = Field(sa_type=_tz())
+    cleared_at: datetime | None = Field(default=None, sa_type=_tz())
+    last_window_at: datetime = Field(sa_type=_tz())
+    score: float
+    peak_score: float
+    features: list = Field(default_factory=list, sa_column=Column(JSON))  # crossing now
+    notice_pending: bool = False  # a change the webhook has not delivered yet
+    notice_attempts: int = 0
+    notice_next_at: datetime | None = Field(default=None, sa_type=_tz())
+    notice_error: str | None = Field(default=None, max_length=300)
+    notices_sent: int = 0

@@ -12,12 +12,21 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from agent.contract import MAX_MANIFEST_BYTES, BundleManifest, convert, to_data
-from fleet.bundle_build import BuildError, manifest_json
-from fleet.models import Bundle
+from agent.contract import (
+    MAX_BASELINE_BYTES,
+    MAX_MANIFEST_BYTES,
+    Baseline,
+    BundleManifest,
+    MessageRejected,
+    convert,
+    decode,
+    to_data,
+)
+from fleet.bundle_build import BuildError, manifest_json, member_bytes
+from fleet.models import Bundle, BundleBaseline
 from fleet.trust.repository import FleetRepository
 
-__all__ = ["BundleExistsError", "find_bundle", "list_bundles", "publish_bundle"]
+__all__ = ["BundleExistsError", "find_baseline", "find_bundle", "list_bundles", "publish_bundle"]
 
 
 class BundleExistsError(ValueError):
@@ -32,6 +41,7 @@ def publish_bundle(session: Session, repository: FleetRepository, path: Path) ->
     except ValueError as exc:  # MessageRejected, or BuildError from reading the archive
         raise BuildError(f"{path}: not a valid bundle: {exc}") from exc
     existing = find_bundle(session, manifest.name, manifest.version)
+    baseline = _baseline_of(path, manifest)
     digest = hashlib.sha256()
     with open(path, "rb") as data:
         while chunk := data.read(1024 * 1024):
@@ -54,9 +64,31 @@ def publish_bundle(session: Session, repository: FleetRepository, path: Path) ->
         manifest=to_data(manifest),
     )
     session.add(row)
+    if baseline is not None:
+        session.add(BundleBaseline(name=manifest.name, version=manifest.version,
+                                   baseline=to_data(baseline)))
     session.commit()
     session.refresh(row)
     return row
+
+
+def _baseline_of(path: Path, manifest: BundleManifest) -> Baseline | None:
+    """The bundle's training baseline, which the fleet keeps to judge drift windows; a
+    baseline devices would refuse is refused here too, before anything is published."""
+    if manifest.baseline_file is None:
+        return None
+    data = member_bytes(path, manifest.baseline_file, MAX_BASELINE_BYTES)
+    try:
+        return decode(Baseline, data)
+    except MessageRejected as exc:
+        raise BuildError(f"{path}: {manifest.baseline_file} is not a valid baseline: "
+                         f"{exc.detail}") from exc
+
+
+def find_baseline(session: Session, name: str, version: int) -> Baseline | None:
+    row = session.exec(select(BundleBaseline).where(
+        BundleBaseline.name == name, BundleBaseline.version == version)).first()
+    return convert(Baseline, row.baseline) if row is not None else None
 
 
 def find_bundle(session: Session, name: str, version: int) -> Bundle | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,6 +32,9 @@ from fleet.api.routes.device_config import DeviceBroker
 from fleet.data_dir import DataDirLock, local_broker_port
 from fleet.db import init_db, make_engine
 from fleet.desired_resend import resend_unacknowledged
+from fleet.drift import store as drift_store
+from fleet.drift.notify import DriftNotifier
+from fleet.drift.webhook import SIGNATURE_HEADER, WebhookConfigError, WebhookTarget
 from fleet.ingest import IngestWorker
 from fleet.local_broker import LocalBroker, free_port
 from fleet.periodic import Periodic
@@ -49,7 +53,35 @@ def _expire_telemetry(engine, settings: Settings) -> str | None:
     cutoff = utcnow() - timedelta(days=settings.telemetry_retention_days)
     with Session(engine) as session:
         deleted = telemetry.delete_older_than(session, cutoff)
-    return f"deleted {deleted} heartbeats older than {cutoff:%Y-%m-%d %H:%M}" if deleted else None
+        windows = drift_store.delete_older_than(session, cutoff)
+    if not deleted and not windows:
+        return None
+    return (f"deleted {deleted} heartbeats and {windows} drift windows older than "
+            f"{cutoff:%Y-%m-%d %H:%M}")
+
+
+def _drift_notifier(engine, settings: Settings, say: Callable[[str], None]
+                    ) -> DriftNotifier | None:
+    """The drift webhook's sender, when a URL is configured (refused at start-up if the
+    URL is unusable, not at the first alert)."""
+    if not settings.drift_webhook_url:
+        return None
+    secret = settings.drift_webhook_secret
+    if not secret:
+        path = settings.drift_webhook_secret_file
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32) + "\n")
+            say(f"drift webhook secret created: {path} (mode 0600; give it to the receiver)")
+        secret = path.read_text().strip()
+    try:
+        target = WebhookTarget(url=settings.drift_webhook_url, secret=secret.encode())
+    except WebhookConfigError as exc:
+        raise ServeError(f"EDGEFLEET_DRIFT_WEBHOOK_URL: {exc}") from None
+    say(f"drift alerts are posted to {target.url.split('?')[0]} (signed, header "
+        f"{SIGNATURE_HEADER})")
+    return DriftNotifier(engine, target)
 
 
 class ServeError(RuntimeError):
@@ -265,6 +297,7 @@ def _serve_locked(
     else:
         say(f"broker: {BrokerAddress.parse(broker_url)}")
 
+    notifier = _drift_notifier(engine, settings, say)
     ingest = IngestWorker(
         BrokerAddress.parse(broker_url),
         engine,
@@ -272,7 +305,11 @@ def _serve_locked(
         batch_wait_s=settings.ingest_batch_wait_s,
         worker_id=settings.worker_id or f"{socket.gethostname()}-{settings.port}",
         shared=settings.ingest_shared,
+        notify_drift=notifier is not None,
+        on_drift_alert=notifier.wake if notifier is not None else None,
     )
+    if notifier is not None:
+        notifier.start()
     ingest.start()
     publisher, said = publisher_for(
         BrokerAddress.parse(broker_url),
@@ -316,6 +353,8 @@ def _serve_locked(
             chore.stop()
         publisher.stop()
         ingest.stop()
+        if notifier is not None:
+            notifier.stop()
         if local_broker is not None:
             local_broker.stop()
         engine.dispose()

@@ -53,7 +53,17 @@ class Settings(BaseSettings):
     # How often a running rollout looks for devices newly matching its selector.
     rollout_pickup_s: float = Field(default=10.0, ge=0, le=86_400)
     metadata_refresh_s: float = 60.0
+    # Heartbeats and drift windows older than this are deleted (drift alerts are kept).
     telemetry_retention_days: float = 7.0
+    # Drift alerts (raised and cleared) are POSTed here, signed with HMAC-SHA256
+    # (fleet.drift.webhook); the secret is EDGEFLEET_DRIFT_WEBHOOK_SECRET, else the file
+    # DATA_DIR/drift-webhook-secret (made at the first start, mode 0600).
+    drift_webhook_url: str | None = None
+    drift_webhook_secret: str | None = None
+
+    @property
+    def drift_webhook_secret_file(self) -> Path:
+        return self.data_dir / "drift-webhook-secret"
 
     @property
     def resolved_database_url(self) -> str:

@@ -245,8 +245,11 @@ class DriftWindow:
                     return
                 taken = (rows - 1 - first) // stride + 1
                 pick = slice(first, None, stride)
-                self._next_keep = row + first + (taken - 1) * stride + 1 + int(
-                    self._random() * (2 * stride - 1))
+                # The gap from the last kept row is 1 .. 2 * stride - 1, but never back
+                # into this request: a next row before its end would give the next
+                # request a negative offset (its last row, once per slot of the block).
+                self._next_keep = max(row + rows, row + first + (taken - 1) * stride + 1 + int(
+                    self._random() * (2 * stride - 1)))
             now = self._clock()
             if now >= self._deadline:
                 self._close(now, "time")

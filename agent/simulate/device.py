@@ -42,6 +42,8 @@ __all__ = ["FaultyEngine", "InjectedModelError", "SimDevice", "SimulatedCrash"]
 log = logging.getLogger(__name__)
 
 
+MAX_INPUTS_BYTES = 256 * 1024 * 1024  # an inputs file of the fault file, read once
+
 # A request no model takes: an input name the bundle does not have.
 _MALFORMED = {"not-an-input-of-this-model": np.zeros((1,), dtype=np.float32)}
 
@@ -109,7 +111,7 @@ class SimDevice:
         self.crashes = 0
         self.offline = False
         self.busy = threading.Lock()  # one heartbeat (or restart) of a device at a time
-        self._inputs: tuple[int, dict[str, np.ndarray] | None] | None = None
+        self._inputs: tuple[tuple[int, str | None], dict[str, np.ndarray]] | None = None
 
     @property
     def faults(self) -> DeviceFaults:
@@ -215,30 +217,40 @@ class SimDevice:
         model = daemon.host.current
         if model is None or count <= 0:
             return
-        inputs = self._inputs_for(daemon, model)
+        faults = self.faults_at(model.manifest.version)
+        inputs = self._inputs_for(daemon, model, faults.inputs)
         if inputs is None:
             return
-        client_error_rate = self.faults_at(model.manifest.version).client_error_rate
+        rows = min(len(value) for value in inputs.values())
         for _ in range(count):
-            request = inputs
-            if client_error_rate and random.random() < client_error_rate:
+            if faults.client_error_rate and random.random() < faults.client_error_rate:
                 request = _MALFORMED  # the engine refuses it: counted as a client error
+            elif rows > 1:
+                if faults.batch > 1:
+                    pick = np.random.randint(rows, size=faults.batch)
+                    request = {name: value[pick] for name, value in inputs.items()}
+                else:
+                    row = random.randrange(rows)
+                    request = {name: value[row : row + 1] for name, value in inputs.items()}
+            else:
+                request = inputs
             # Model and client errors are counted by the host; no model (swapped out):
             # nothing to count.
             with contextlib.suppress(EngineError, NoModelError):
                 daemon.host.infer(request)
 
     def _inputs_for(
-        self, daemon: AgentDaemon, model: LoadedModel
+        self, daemon: AgentDaemon, model: LoadedModel, path: str | None
     ) -> dict[str, np.ndarray] | None:
-        """The first row of the bundle's own health-check samples (real inputs the model
-        was built for), else zeros shaped by its input schema."""
-        key = id(model)
+        """What the load draws its requests from: the fault's ``inputs`` file, else the
+        first row of the bundle's own health-check samples (real inputs the model was
+        built for), else zeros shaped by its input schema."""
+        key = (id(model), path)
         if self._inputs is not None and self._inputs[0] == key:
             return self._inputs[1]
-        inputs = None
+        inputs = self._read_inputs(model, Path(path)) if path else None
         spec = model.manifest.health_check
-        if spec is not None:
+        if inputs is None and spec is not None:
             from agent.health import load_samples
 
             try:
@@ -254,3 +266,23 @@ class SimDevice:
             }
         self._inputs = (key, inputs)
         return inputs
+
+    def _read_inputs(self, model: LoadedModel, path: Path) -> dict[str, np.ndarray] | None:
+        """The ``inputs`` file, as arrays named by the model's inputs; None (logged) when
+        it cannot be read or does not fit the model."""
+        from agent.npy import NpyError, load_array_body
+
+        try:
+            loaded = load_array_body(path.read_bytes(), MAX_INPUTS_BYTES)
+        except (OSError, NpyError) as exc:
+            log.error("%s: inputs file %s unreadable (%s): using the default load",
+                      self.device_id, path, exc)
+            return None
+        names = [t.name for t in model.manifest.inputs]
+        arrays = loaded if isinstance(loaded, dict) else {names[0]: loaded}
+        if sorted(arrays) != sorted(names) or any(
+                value.ndim == 0 or not len(value) for value in arrays.values()):
+            log.error("%s: inputs file %s holds %s, the model takes %s (batch first): "
+                      "using the default load", self.device_id, path, sorted(arrays), names)
+            return None
+        return {name: np.ascontiguousarray(value) for name, value in arrays.items()}

@@ -11,9 +11,16 @@ The fault file is JSON, written by a test or an operator and re-read whenever it
         "sim-0005": {"crash_after_install": true},
         "sim-0006": {"offline": true},
         "sim-0007": [{"fail_health_check": true, "only_versions": [3]},
-                     {"latency_ms": 10, "only_versions": [4]}]
+                     {"latency_ms": 10, "only_versions": [4]}],
+        "sim-0008": {"inputs": "/data/darker-images.npz"}
       }
     }
+
+``inputs`` is what the device is fed: a ``.npz`` of arrays named as the model's inputs
+(a ``.npy`` for a one-input model), batch first; each synthetic request is ``batch`` rows
+(1 by default) drawn at random. Without it a device sends the first row of the bundle's
+health-check samples over and over. It is how a test shifts the input distribution of
+some devices (drift).
 
 A device's faults are the command-line flags, overridden by ``defaults``, overridden by
 its own entry or entries, in order (only the fields given). An entry with
@@ -61,6 +68,10 @@ class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Off the network (the broker publishes its Last Will) until this is false again.
     offline: bool | None = None
     labels: dict[str, str] | None = None
+    # Inputs fed to the synthetic load: a .npz (or .npy) file, one random row a request.
+    inputs: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)] | None = None
+    # Rows per synthetic request drawn from ``inputs`` (a batch; 1 by default).
+    batch: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
     # This entry applies only to bundles of these versions (None: to every bundle).
     only_versions: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]],
                              msgspec.Meta(max_length=64)] | None = None
@@ -91,6 +102,8 @@ class DeviceFaults:
     crash_after_install: bool = False
     offline: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    inputs: str | None = None
+    batch: int = 1
 
     def over(self, spec: FaultSpec) -> DeviceFaults:
         """These faults with what ``spec`` sets replacing them."""

@@ -50,6 +50,8 @@ def add_arguments(command: argparse.ArgumentParser, state_dir_default: Path) -> 
                          help="seconds between heartbeats (default 10)")
     command.add_argument("--keepalive", type=int, default=15,
                          help="MQTT keepalive seconds (default 15)")
+    command.add_argument("--drift-window", type=float, default=300.0,
+                         help="seconds per drift window (default 300)")
     command.add_argument("--inferences", type=int, default=10,
                          help="synthetic inferences per device per interval on its active "
                          "model (default 10)")
@@ -90,7 +92,7 @@ def run_from_args(args: argparse.Namespace, engine: EngineOptions, labels: dict[
 
     if args.devices < 1:
         return _usage("--devices must be at least 1")
-    for name in ("interval", "start_rate", "load_threads"):
+    for name in ("interval", "start_rate", "load_threads", "drift_window"):
         if getattr(args, name) <= 0:
             return _usage(f"--{name.replace('_', '-')} must be greater than 0")
     if args.inferences < 0 or args.restart_delay < 0 or args.retry <= 0:
@@ -141,6 +143,7 @@ def run_from_args(args: argparse.Namespace, engine: EngineOptions, labels: dict[
         prefix=args.prefix,
         interval_s=args.interval,
         keepalive_s=args.keepalive,
+        drift_window_s=args.drift_window,
         inferences=args.inferences,
         load_threads=args.load_threads,
         restart_delay_s=args.restart_delay,

@@ -59,6 +59,7 @@ class SimulationConfig:
     prefix: str = "sim-"
     interval_s: float = 10.0
     keepalive_s: int = 15
+    drift_window_s: float = 300.0
     inferences: int = 10  # synthetic load per heartbeat interval
     load_threads: int = 4
     restart_delay_s: float = 1.0
@@ -113,6 +114,7 @@ class Simulator:
                 state_dir=state_dir,
                 interval_s=config.interval_s,
                 keepalive_s=config.keepalive_s,
+                drift_window_s=config.drift_window_s,
                 fleet_url=config.fleet_url,
                 listen=None,
                 socket_path=None,

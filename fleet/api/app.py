@@ -8,7 +8,16 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.engine import Engine
 
 from fleet import __version__
-from fleet.api.routes import audit, bundles, device_config, devices, repo, rollouts, system
+from fleet.api.routes import (
+    audit,
+    bundles,
+    device_config,
+    devices,
+    drift,
+    repo,
+    rollouts,
+    system,
+)
 from fleet.api.routes.device_config import DeviceBroker
 from fleet.errors import FleetError
 from fleet.ingest import IngestWorker
@@ -40,6 +49,7 @@ def create_app(
     app.include_router(audit.router, prefix="/api/v1")
     app.include_router(rollouts.router, prefix="/api/v1")
     app.include_router(rollouts.groups_router, prefix="/api/v1")
+    app.include_router(drift.router, prefix="/api/v1")
     app.include_router(repo.router)
     app.add_exception_handler(FleetError, _fleet_error)
     return app
