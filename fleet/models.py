@@ -528,6 +528,9 @@ class DriftWindowRow(SQLModel, table=True):
     rows: int | None = Field(default=None, sa_type=BigInteger)
     score: float | None = None
     features: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    # The output features' counts (k + 3 layout), for comparing model versions on the
+    # same device (the rollout's drift gate, fleet.drift.compare).
+    output_counts: dict | None = Field(default=None, sa_column=Column(JSON))
 
 
 class DriftAlert(SQLModel, table=True):

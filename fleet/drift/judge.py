@@ -155,6 +155,10 @@ class PreparedBaseline:
     def features(self) -> tuple[str, ...]:
         return tuple(self.index)
 
+    def edges_of(self, feature: str) -> np.ndarray | None:
+        where = self.index.get(feature)
+        return None if where is None else self.groups[where[0]].edges[where[1]]
+
 
 @dataclass(frozen=True)
 class FeatureVerdict:

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
 from agent.contract import DriftMessage, utcnow
 from fleet import audit
+from fleet.drift.compare import OUTPUT_PREFIX
 from fleet.drift.judge import (
     STORED_FIELDS,
     DriftSettings,
@@ -166,6 +168,8 @@ def apply_drift(session: Session, messages: list[DriftMessage], *, notify: bool
             window_started_at=message.window_started_at, window_ended_at=message.sent_at,
             rows=message.rows, score=verdict.score if verdict else None,
             features={v.feature: v.stored() for v in verdict.features} if verdict else {},
+            output_counts={h.feature: list(h.counts) for h in message.features
+                           if h.feature.startswith(OUTPUT_PREFIX)} or None,
         ))
         if verdict is not None and verdict.score is not None:
             note = _step_alert(session, message, verdict, settings_of[(model, version)],
@@ -240,6 +244,35 @@ def _step_alert(session: Session, message: DriftMessage, verdict: Verdict,
 
 
 # --- reading ----------------------------------------------------------------------------
+
+
+def output_counts(session: Session, device_id: str, model: str, version: int,
+                  since: datetime | None = None, limit: int = 288) -> dict[str, np.ndarray]:
+    """A device's output counts for one bundle version, summed over its latest ``limit``
+    windows (ended after ``since``)."""
+    rows = session.exec(select(DriftWindowRow.output_counts).where(
+        DriftWindowRow.device_id == device_id, DriftWindowRow.model == model,
+        DriftWindowRow.version == version,
+        *([DriftWindowRow.window_ended_at >= since] if since is not None else []),
+    ).order_by(col(DriftWindowRow.id).desc()).limit(limit)).all()
+    totals: dict[str, np.ndarray] = {}
+    for counts in rows:
+        for feature, values in (counts or {}).items():
+            array = np.asarray(values, dtype=np.float64)
+            if feature in totals and totals[feature].shape != array.shape:
+                continue  # not the layout its baseline has; the judge refused it too
+            totals[feature] = totals.get(feature, 0) + array
+    return totals
+
+
+def output_edges(session: Session, model: str, version: int) -> dict[str, np.ndarray]:
+    """The output features' edges in a bundle's baseline (empty: it has none)."""
+    prepared = _baselines.get(session, model, version)
+    if prepared is None:
+        return {}
+    found = {name: prepared.edges_of(name) for name in prepared.features
+             if name.startswith(OUTPUT_PREFIX)}
+    return {name: edges for name, edges in found.items() if edges is not None}
 
 
 def alert_public(alert: DriftAlert) -> dict[str, Any]:

@@ -15,7 +15,11 @@ gate passes, and is halted as soon as one fails.
 * offline: devices offline for longer than ``offline_grace_s``, or whose agent restarted
   (its uptime went back) since their install. A reconnection alone does not count: a
   broker restart reconnects every device;
-* drift: an interface (:class:`Gate`) the drift tracking fills; absent by default.
+* output drift (when ``max_output_drift`` is set): how far the new version's outputs are
+  from the previous version's on the same devices (``fleet.drift.compare``: the largest
+  Jensen-Shannon distance over output features), median over the wave. Off by default: a
+  retrained model may answer differently on purpose; an operator who expects the same
+  answers turns it on.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "GateResult",
     "Verdict",
     "evaluate",
+    "gates_for",
 ]
 
 
@@ -59,6 +64,9 @@ class GatePolicy:
     # inferences to judge passes, and says so: idle devices must not hold a rollout forever.
     # False: it keeps waiting. Install and offline gates always need their devices.
     pass_unjudged_after_bake: bool = True
+    # The output-drift gate: off (None), or the largest median JS distance between the
+    # new and the previous version's outputs on the wave's devices.
+    max_output_drift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class DeviceFigures:
     latency_p95_before: float | None = None
     latency_p95_after: float | None = None
     went_offline: bool = False
+    output_drift: float | None = None  # JS distance to the previous version's outputs
+    output_drift_feature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,32 @@ class Offline:
                       offline=gone)
 
 
+class OutputDrift:
+    name = "output_drift"
+    needs_traffic = True
+
+    def evaluate(self, wave: Sequence[DeviceFigures], policy: GatePolicy) -> GateResult:
+        threshold = policy.max_output_drift
+        assert threshold is not None
+        judged = [d for d in wave if d.installed and d.output_drift is not None]
+        value = statistics.median(d.output_drift for d in judged) if judged else None
+        worst = max(judged, key=lambda d: d.output_drift or 0.0, default=None)
+        return _judge(self.name, value, threshold, len(judged), policy,
+                      f"median JS distance to the previous version's outputs over "
+                      f"{len(judged)} device(s)" + (
+                          f"; worst {worst.device_id} on {worst.output_drift_feature} "
+                          f"({worst.output_drift:.3f})" if worst is not None else "")
+                      if judged else "no device has enough outputs of both versions yet")
+
+
 DEFAULT_GATES: tuple[Gate, ...] = (InstallFailures(), ModelErrors(), Latency(), Offline())
+
+
+def gates_for(policy: GatePolicy, gates: Sequence[Gate] = DEFAULT_GATES) -> tuple[Gate, ...]:
+    """The gates a policy asks for: the default ones, and the output-drift gate if set."""
+    if policy.max_output_drift is None or any(g.name == OutputDrift.name for g in gates):
+        return tuple(gates)
+    return (*gates, OutputDrift())
 
 
 def evaluate(
@@ -176,6 +211,7 @@ def evaluate(
     bake_over: bool = False,
 ) -> tuple[Verdict, list[GateResult]]:
     """The wave's verdict: fail if any gate fails, pass if all pass, else wait."""
+    gates = gates_for(policy, gates)
     results = [gate.evaluate(wave, policy) for gate in gates]
     if bake_over and policy.pass_unjudged_after_bake:
         results = [

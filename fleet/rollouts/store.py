@@ -19,6 +19,9 @@ from sqlmodel import Session, col, select
 
 from agent.contract import BundleRef, EventMessage, utcnow
 from fleet import audit, devices
+from fleet.drift import store as drift_store
+from fleet.drift.compare import output_shift
+from fleet.drift.judge import DEFAULT_MIN_ROWS
 from fleet.errors import FleetError, InvalidRequestError, NotFoundError, UnknownDevicesError
 from fleet.models import Device, ProtectedGroup, Rollout, RolloutDevice
 from fleet.registry import find_bundle
@@ -298,8 +301,29 @@ def _silent_offline(device: Device, now: datetime, grace_s: float) -> bool:
     return last is None or (now - last).total_seconds() >= grace_s
 
 
+def _output_drift(session: Session, rollout: Rollout, row: RolloutDevice,
+                  min_rows: int) -> tuple[float | None, str | None]:
+    """The device's outputs on the rollout's version against its previous version's (the
+    day before its install): see ``fleet.drift.compare``."""
+    if (row.prev_bundle_version is None or row.prev_bundle_name != rollout.bundle_name
+            or row.prev_bundle_version == rollout.bundle_version):
+        return None, None
+    name, notified = rollout.bundle_name, _aware(row.notified_at)
+    since = notified - timedelta(days=1) if notified is not None else None
+    return output_shift(
+        drift_store.output_counts(session, row.device_id, name, row.prev_bundle_version,
+                                  since=since),
+        drift_store.output_edges(session, name, row.prev_bundle_version),
+        drift_store.output_counts(session, row.device_id, name, rollout.bundle_version,
+                                  since=notified),
+        drift_store.output_edges(session, name, rollout.bundle_version),
+        min_rows,
+    )
+
+
 def _figures(row: RolloutDevice, device: Device | None, now: datetime,
-             policy: GatePolicy) -> DeviceFigures | None:
+             policy: GatePolicy, drift: tuple[float | None, str | None] = (None, None),
+             ) -> DeviceFigures | None:
     state = DeviceState(row.state)
     if state in (DeviceState.PENDING, DeviceState.STUCK) or device is None:
         return None
@@ -317,6 +341,8 @@ def _figures(row: RolloutDevice, device: Device | None, now: datetime,
         else None,
         went_offline=_restarted(row, beat)
         or _silent_offline(device, now, policy.offline_grace_s),
+        output_drift=drift[0],
+        output_drift_feature=drift[1],
     )
 
 
@@ -327,8 +353,13 @@ def load_view(session: Session, rollout: Rollout, now: datetime | None = None) -
         RolloutDevice.rollout_id == rollout.id)).all()
     by_id = {d.id: d for d in session.exec(select(Device).where(
         col(Device.id).in_([r.device_id for r in rows if r.wave == rollout.wave])))}
+    drift: dict[str, tuple[float | None, str | None]] = {}
+    if policy.gates.max_output_drift is not None:
+        drift = {r.device_id: _output_drift(session, rollout, r, DEFAULT_MIN_ROWS)
+                 for r in rows if r.wave == rollout.wave and r.state == DeviceState.HEALTHY}
     views = [DeviceView(r.device_id, r.wave, DeviceState(r.state), _aware(r.notified_at),
-                        r.redrives, _figures(r, by_id.get(r.device_id), now, policy.gates))
+                        r.redrives, _figures(r, by_id.get(r.device_id), now, policy.gates,
+                                             drift.get(r.device_id, (None, None))))
              for r in rows]
     minute_ago = now - timedelta(minutes=1)
     recent = sum(1 for v in views if v.notified_at is not None and v.notified_at >= minute_ago)

@@ -41,6 +41,10 @@ class RolloutCreate(BaseModel):
                                    description="offline this long before it counts")
     min_devices: int = Field(default=1, ge=1, le=10_000)
     min_inferences: int = Field(default=20, ge=0, le=10**9)
+    max_output_drift: float | None = Field(
+        default=None, gt=0, le=1, description="halt when the new version's outputs are "
+        "further than this (median JS distance) from the previous version's on the same "
+        "devices; off by default")
     roll_back_on_failure: bool = True
     roll_back_scope: Literal["wave", "all"] = Field(
         default="wave", description="on a failed gate, roll back the failing wave's "
@@ -65,7 +69,8 @@ class RolloutCreate(BaseModel):
                 max_latency_ratio=self.max_latency_ratio,
                 max_offline_rate=self.max_offline_rate,
                 offline_grace_s=self.offline_grace_s,
-                min_devices=self.min_devices, min_inferences=self.min_inferences),
+                min_devices=self.min_devices, min_inferences=self.min_inferences,
+                max_output_drift=self.max_output_drift),
             roll_back_on_failure=self.roll_back_on_failure,
             roll_back_scope=self.roll_back_scope,
             stuck_timeout_s=self.stuck_timeout_s, max_redrives=self.max_redrives,
