@@ -896,6 +896,326 @@ def rollout_protect(
     console.print(f"protected {row['name']}: {row['selector']}", highlight=False)  # type: ignore[index]
 
 
+
+drift_app = typer.Typer(help="model drift: which devices drift, on which features, since when")
+app.add_typer(drift_app, name="drift")
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_HOT_SEVERITY = 0.8  # a feature this close to its threshold is worth naming on a device
+_FEATURE_COLUMNS = 8  # drift show: the features with the highest severity get a column
+_SETTING_ROWS = ("psi", "js", "wasserstein", "missing", "clear_ratio", "min_rows",
+                 "reduction", "weights")
+
+SinceOption = Annotated[str | None, typer.Option(
+    help="from this ISO 8601 time (UTC if no offset) or this long ago: 30m, 2h, 7d "
+         "[default: 24 hours ago]", show_default=False)]
+
+
+def _since_query(since: str | None) -> str | None:
+    """``--since`` as the API takes it: an ISO time, a duration (2h) counted back from now."""
+    from datetime import UTC, datetime, timedelta
+
+    if since is None:
+        return None
+    text = since.strip()
+    unit = _DURATION_UNITS.get(text[-1:].lower())
+    if unit is not None:
+        try:
+            amount = float(text[:-1])
+            if amount >= 0:  # NaN is not
+                return (datetime.now(UTC) - timedelta(seconds=amount * unit)).isoformat()
+        except (ValueError, OverflowError):  # not a number, or before the year 1
+            pass
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise _fail(f"--since {since!r} is neither an ISO 8601 time "
+                    "(e.g. 2026-12-01T08:00:00Z) nor a duration (30m, 2h, 7d)") from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).isoformat()
+
+
+def _short_time(value: str | None) -> str:
+    """An API time as the tables show it: UTC to the minute."""
+    from datetime import UTC, datetime
+
+    if not value:
+        return "-"
+    at = datetime.fromisoformat(value)
+    return f"{(at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC):%Y-%m-%d %H:%M}"
+
+
+def _model_label(model: str, version: int | None) -> str:
+    return model if version is None else f"{model} v{version}"
+
+
+def _score_text(score: float | None) -> str:
+    return "-" if score is None else f"{score:.2f}"
+
+
+def _severity_cell(severity: float | None):
+    """A feature's severity: red and marked ``!`` above 1 (it crosses its threshold), so
+    the mark survives without colour."""
+    from rich.text import Text
+
+    if severity is None:
+        return Text("-", style="dim")
+    if severity > 1.0:
+        return Text(f"{severity:.2f}!", style="bold red")
+    return Text(f"{severity:.2f}")
+
+
+def _crossing_text(item: dict):
+    """What a device drifts on: its open alert's features (worst first), or else the
+    latest window's features close to their threshold, dim."""
+    from rich.text import Text
+
+    alert = item.get("alert")
+    if item["drifting"] and alert:
+        names = alert["features"]
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5})" if len(names) > 5 else "")
+        return Text(shown or "-")
+    window = item.get("latest_window") or {}
+    near = sorted(
+        ((name, stats["severity"]) for name, stats in window.get("features", {}).items()
+         if stats.get("severity") is not None and stats["severity"] > _HOT_SEVERITY),
+        key=lambda pair: -pair[1])[:3]
+    if not near:
+        return Text("-", style="dim")
+    return Text(", ".join(f"{name} {severity:.2f}" for name, severity in near), style="dim")
+
+
+@drift_app.callback(invoke_without_command=True,
+                    epilog="Example: edge-fleet drift --since 2h --model detector\n\n"
+                           "Example: edge-fleet drift show cam-01 --since 7d\n\n"
+                           "Example: edge-fleet drift settings detector --set psi=0.3")
+def drift_fleet(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option(help="only this model", show_default=False)]
+    = None,
+    since: SinceOption = None,
+    all_devices: Annotated[bool, typer.Option(
+        "--all", help="every device that sent a window, not only the drifting ones")] = False,
+    limit: Annotated[int, typer.Option(help="the N most drifted devices", min=1, max=10_000)]
+    = 100,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
+    """The most drifted devices: their model, score, the features that cross and since
+    when (with a subcommand: that instead)."""
+    from urllib.parse import urlencode
+
+    from rich.text import Text
+
+    if ctx.invoked_subcommand is not None:
+        return
+    query = {"model": model, "since": _since_query(since),
+             "all": "true" if all_devices else None, "limit": limit}
+    view = _get(url, token, "/api/v1/drift?" + urlencode(
+        {key: value for key, value in query.items() if value is not None}))
+    if as_json:
+        console.print_json(data=view)
+        return
+    rows: list[dict] = view["devices"]  # type: ignore[index]
+    since_text = _short_time(view["since"])  # type: ignore[index]
+    if not rows:
+        what = "sent a drift window" if all_devices else "drifts"
+        console.print(f"no device {what} since {since_text} UTC"
+                      + (f" on model {model}" if model else ""), highlight=False, markup=False)
+        return
+    table = Table("device", "model", "state", "score", "features crossing", "since",
+                  "last window", caption=f"since {since_text} UTC; times in UTC")
+    for item in rows:
+        alert = item.get("alert")
+        if item["drifting"]:
+            state = Text("DRIFTING", style="bold red")
+        else:
+            state = Text("ok (cleared)" if alert else "ok")
+        window = item.get("latest_window") or {}
+        table.add_row(
+            Text(item["device_id"]), Text(_model_label(item["model"], item["version"])),
+            state, _score_text(item["score"]), _crossing_text(item),
+            _short_time(alert["raised_at"]) if item["drifting"] and alert else "-",
+            _short_time(window.get("window_ended_at")),
+        )
+    console.print(table)
+
+
+@drift_app.command("show", epilog="Example: edge-fleet drift show cam-01 --since 7d\n\n"
+                                  "Example: edge-fleet drift show cam-01 --feature 'x[0]'")
+def drift_show(
+    device_id: DeviceArgument,
+    since: SinceOption = None,
+    feature: Annotated[str | None, typer.Option(
+        help="only this feature's statistics", show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="the newest N windows", min=1, max=5000)] = 50,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
+    """A device's drift alerts, then its windows (newest first) with each feature's
+    severity: its worst statistic over that statistic's threshold (above 1: it crosses)."""
+    from urllib.parse import quote, urlencode
+
+    from rich.text import Text
+
+    query = {"since": _since_query(since), "feature": feature, "limit": limit}
+    history = _get(url, token, f"/api/v1/devices/{quote(device_id, safe='')}/drift?"
+                   + urlencode({k: v for k, v in query.items() if v is not None}))
+    if as_json:
+        console.print_json(data=history)
+        return
+    alerts: list[dict] = history["alerts"]  # type: ignore[index]
+    windows: list[dict] = history["windows"]  # type: ignore[index]
+    if alerts:
+        table = Table("alert", "model", "state", "raised", "cleared", "score", "peak",
+                      "features crossing", title=Text(f"{device_id}: drift alerts"))
+        for alert in alerts:
+            table.add_row(
+                str(alert["id"]), Text(_model_label(alert["model"], alert["version"])),
+                Text("open", style="bold red") if alert["state"] == "open" else "cleared",
+                _short_time(alert["raised_at"]), _short_time(alert["cleared_at"]),
+                _score_text(alert["score"]), _score_text(alert["peak_score"]),
+                Text(", ".join(alert["features"]) or "-"))
+        console.print(table)
+    else:
+        console.print(f"{device_id}: no drift alerts", highlight=False, markup=False)
+    if not windows:
+        console.print(f"{device_id}: no drift windows since "
+                      f"{_short_time(query['since']) if since else '24 hours ago'}",
+                      highlight=False, markup=False)
+        return
+    worst: dict[str, float] = {}
+    for window in windows:
+        for name, stats in window["features"].items():
+            severity = stats.get("severity")
+            worst[name] = max(worst.get(name, -1.0), -1.0 if severity is None else severity)
+    shown = sorted(worst, key=lambda name: (-worst[name], name))[:_FEATURE_COLUMNS]
+    hidden = len(worst) - len(shown)
+    table = Table("window end", "model", "rows", "score",
+                  title=Text(f"{device_id}: drift windows, newest first (severity per "
+                             "feature)"),
+                  caption="severity: worst statistic / its threshold; ! above 1 (crosses)")
+    for name in shown:  # a Text header: a feature's name is never read as markup
+        table.add_column(Text(name), justify="right")
+    for window in windows:
+        table.add_row(
+            _short_time(window["window_ended_at"]),
+            Text(_model_label(window["model"], window["version"])),
+            "-" if window["rows"] is None else str(window["rows"]),
+            _score_text(window["score"]),
+            *(_severity_cell(window["features"].get(name, {}).get("severity"))
+              for name in shown))
+    console.print(table)
+    if hidden:
+        console.print(f"{hidden} more feature(s) hidden (the {len(shown)} with the highest "
+                      "severity are shown; --feature NAME shows one)", highlight=False,
+                      markup=False)
+
+
+def _parse_drift_settings(entries: list[str]) -> dict:
+    """``--set NAME=VALUE`` entries as the API's object: numbers parsed (an int stays an
+    int, for min_rows), ``weight.FEATURE=N`` into ``weights``; the fleet judges the rest
+    (unknown names, ranges), so its rules live in one place."""
+    settings: dict = {}
+    weights: dict[str, float | int | str] = {}
+    for entry in entries:
+        name, sep, text = entry.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name or not text:
+            raise _fail(f"--set {entry!r} is not NAME=VALUE (e.g. psi=0.3, weight.x[0]=2)")
+        value: float | int | str = text
+        for parse in (int, float):
+            try:
+                value = parse(text)
+                break
+            except ValueError:
+                pass
+        if name.startswith("weight."):
+            feature = name[len("weight."):]
+            if not feature or feature in weights:
+                raise _fail(f"--set {entry!r}: "
+                            + ("no feature name after weight." if not feature
+                               else f"the weight of {feature!r} is given twice"))
+            weights[feature] = value
+        elif name in settings or name == "weights":
+            raise _fail(f"--set {entry!r}: " + (f"{name} is given twice" if name in settings
+                                                 else "give weights as weight.FEATURE=N"))
+        else:
+            settings[name] = text if name == "reduction" else value
+    if weights:
+        settings["weights"] = weights
+    return settings
+
+
+def _settings_view(row: dict, version: int | None):
+    from rich.text import Text
+
+    def shown(value) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}"
+                             for k, v in sorted(value.items())) or "-"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    operator, in_force = row["operator"], row["in_force"]
+    table = Table("setting", "in force", "operator",
+                  title=Text(f"drift settings of {_model_label(row['model'], version)}"),
+                  caption="-: not set by an operator")
+    for name in (*_SETTING_ROWS, *sorted(set(in_force) - set(_SETTING_ROWS))):
+        table.add_row(name, Text(shown(in_force.get(name, "-"))),
+                      Text(shown(operator[name]) if name in operator else "-"))
+    return table
+
+
+@drift_app.command("settings", epilog="Example: edge-fleet drift settings detector "
+                                      "--version 4\n\n"
+                                      "Example: edge-fleet drift settings detector --set psi=0.3 "
+                                      "--set reduction=mean --set 'weight.x[0]=2' "
+                                      "--reason 'noisy sensor'\n\n"
+                                      "Example: edge-fleet drift settings detector --reset")
+def drift_settings(
+    model: Annotated[str, typer.Argument(help="the model (bundle) name")],
+    version: Annotated[int | None, typer.Option(
+        help="include this bundle version's own thresholds in what is in force", min=1,
+        show_default=False)] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="NAME=VALUE (repeatable): psi, js, wasserstein, missing, clear_ratio, "
+        "min_rows, reduction (max or mean), weight.FEATURE; replaces every setting an "
+        "operator made for the model", show_default=False)] = None,
+    reset: Annotated[bool, typer.Option(
+        "--reset", help="remove the operator's settings: back to the defaults")] = False,
+    reason: Annotated[str | None, typer.Option(
+        help="why, for the audit log", show_default=False)] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON")] = False,
+) -> None:
+    """Show a model's drift settings (in force, and what an operator set), or replace what
+    an operator set with --set (all of it: settings not given go back to the defaults) or
+    --reset."""
+    from urllib.parse import quote, urlencode
+
+    if set_ and reset:
+        raise _fail("give --set or --reset, not both")
+    path = f"/api/v1/drift/settings/{quote(model, safe='')}"
+    if set_ or reset:
+        body = {} if reset else _parse_drift_settings(set_ or [])
+        row = _request(url, token, "PUT", path + (
+            "?" + urlencode({"reason": reason}) if reason is not None else ""), body)
+        if version is not None:  # the PUT answers without a bundle's own thresholds
+            row = _get(url, token, f"{path}?version={version}")
+        if not as_json:
+            done = ("reset to the defaults" if reset else "operator settings replaced: "
+                    + ", ".join(set_ or []))
+            console.print(f"{model}: {done}", highlight=False, markup=False)
+    else:
+        row = _get(url, token, path + (f"?version={version}" if version is not None else ""))
+    if as_json:
+        console.print_json(data=row)
+        return
+    console.print(_settings_view(row, version))  # type: ignore[arg-type]
+
+
 def main() -> None:
     os.environ.setdefault("COLUMNS", "120")
     app()
