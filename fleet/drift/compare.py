@@ -3,9 +3,8 @@ devices: the rollout's drift gate.
 
 Each version's windows count its outputs on *its own* baseline's edges, and two builds have
 different edges (quantiles of different outputs). So the new version's counts are first
-moved onto the previous version's edges (:func:`rebin`: mass spread evenly within each
-bin, the usual histogram assumption, then cut at the other edges; underflow, overflow and
-missing kept as they are), and the two histograms are compared there with the
+moved onto the previous version's edges (:func:`rebin`, which says how and how exactly),
+and the two histograms are compared there with the
 Jensen-Shannon distance of :mod:`fleet.drift.stats` (base 2, in [0, 1]). A device's value
 is its largest distance over the output features both versions have; features with fewer
 than ``min_rows`` values on either side are not judged.
@@ -32,19 +31,37 @@ OUTPUT_PREFIX = "output:"
 def rebin(counts: Sequence[float], edges: Sequence[float], onto: Sequence[float]
           ) -> np.ndarray:
     """Counts in the k + 3 layout over ``edges``, moved onto the edges ``onto`` (same
-    layout, ``len(onto) - 1`` inner bins). Underflow and overflow mass stays outside the
-    new range; inner mass falling outside ``onto`` goes to its underflow or overflow."""
+    layout, ``len(onto) - 1`` inner bins); missing values stay missing.
+
+    The cumulative share at each edge is interpolated *in logit space* (linear between
+    edges, extended past the outer edges with the outer slopes): exact for a logistic
+    distribution and close for bell-shaped ones, where spreading each bin's mass evenly
+    (linear interpolation) puts far too much of the wide outer bins into the tails. On
+    N(0,1) outputs counted on quantile edges of 10 or 20 bins (bench: tests), the same
+    distribution moved onto another build's edges stays within a JS distance of 0.035;
+    a shift of half a standard deviation reads about 0.2.
+    """
     counts = np.asarray(counts, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
     onto = np.asarray(onto, dtype=np.float64)
-    inner = counts[1:-2]
-    cumulative = np.concatenate([[0.0], np.cumsum(inner)])  # mass below each edge
-    at = np.interp(onto, edges, cumulative, left=0.0, right=cumulative[-1])
-    moved = np.empty(len(onto) + 2)
-    moved[0] = counts[0] + at[0]  # underflow: the old underflow and the mass below onto[0]
-    moved[1:-2] = np.diff(at)
-    moved[-2] = counts[-2] + (cumulative[-1] - at[-1])
+    moved = np.zeros(len(onto) + 2)
     moved[-1] = counts[-1]
+    total = counts[:-1].sum()  # underflow, inner bins, overflow: the values placed
+    if total <= 0:
+        return moved
+    below = counts[0] + np.concatenate([[0.0], np.cumsum(counts[1:-2])])  # at each edge
+    share = np.clip(below, 0.5, total - 0.5) / total  # half a value: logits stay finite
+    logit = np.log(share / (1.0 - share))
+    at = np.interp(onto, edges, logit)
+    low, high = onto < edges[0], onto > edges[-1]
+    slope_low = (logit[1] - logit[0]) / (edges[1] - edges[0])
+    slope_high = (logit[-1] - logit[-2]) / (edges[-1] - edges[-2])
+    at = np.where(low, logit[0] + slope_low * (onto - edges[0]), at)
+    at = np.where(high, logit[-1] + slope_high * (onto - edges[-1]), at)
+    cumulative = total / (1.0 + np.exp(-at))
+    moved[0] = cumulative[0]
+    moved[1:-2] = np.diff(cumulative)
+    moved[-2] = total - cumulative[-1]
     return moved
 
 
