@@ -712,6 +712,10 @@ def rollout_create(
         help="devices with an outcome before a gate may judge a wave")] = 1,
     min_inferences: Annotated[int, typer.Option(
         help="inferences per device before its errors and latency count")] = 20,
+    max_output_drift: Annotated[float | None, typer.Option(
+        help="halt when the new version's outputs are further than this (median JS "
+        "distance, 0-1) from the previous version's on the same devices; off by default")]
+    = None,
     stuck_timeout: Annotated[float, typer.Option(
         help="seconds a notified device may make no progress before it is re-driven")] = 600,
     max_redrives: Annotated[int, typer.Option(
@@ -734,6 +738,7 @@ def rollout_create(
             "max_latency_ratio": max_latency_ratio, "max_offline_rate": max_offline_rate,
             "offline_grace_s": offline_grace,
             "min_devices": min_devices, "min_inferences": min_inferences,
+            "max_output_drift": max_output_drift,
             "stuck_timeout_s": stuck_timeout, "max_redrives": max_redrives,
             "notify_per_minute": rate,
             "roll_back_on_failure": on_failure is not OnFailure.HALT,

@@ -22,6 +22,7 @@ from tests.fixtures.models import build_mlp_onnx
 from tests.fixtures.processes import start_fleet
 from tests.fixtures.rollouts import (
     active_version,
+    create_rollout,
     devices_by_id,
     rollout_audit,
     rollout_ended,
@@ -71,13 +72,8 @@ def test_a_version_whose_outputs_depart_from_the_previous_one_is_halted_on_the_c
         wait_until(lambda: all(_judged_windows(fleet, d, 1) >= 1 for d in IDS), timeout=120,
                    interval=1, what="a judged window of version 1 from every device")
 
-        with fleet.client() as client:
-            created = client.post("/api/v1/rollouts", json={
-                "bundle": "detector", "version": 2, "selector": "site=lab",
-                "waves": "2,100%", "bake_s": 120, "max_output_drift": 0.2,
-            })
-        assert created.status_code == 201, created.text
-        rollout = created.json()
+        rollout = create_rollout(fleet, 2, "--waves", "2,100%", "--bake", "120",
+                                 "--max-output-drift", "0.2")
         done = rollout_ended(fleet, rollout["id"], timeout=150)
         assert done["status"] == "halted" and "output_drift" in done["reason"], done
         halt = next(e for e in rollout_audit(fleet, rollout["id"])
