@@ -119,18 +119,62 @@ def _choice(name: str, value: SummaryChoice | str) -> SummaryChoice:
         [f"{name}={value}"])[name]
 
 
+MAX_FOLDER_FILES = 100_000
+
+
+def _one_input(path: Path, names: list[str]) -> str:
+    if len(names) != 1:
+        raise BuildError(f"baseline {path}: a folder is read as the rows of a one-input "
+                         f"model; this one has {len(names)} inputs: give an .npz keyed by "
+                         f"input name ({', '.join(names)})")
+    return names[0]
+
+
+def _load_folder(path: Path, spec: Any, max_bytes: int) -> np.ndarray:
+    """A folder of ``.npy`` files (e.g. one per image, or a batch per file), read in name
+    order and stacked: a file holding one sample (the input's rank less its batch dim) is
+    one row. Other files are refused (decoding images is left to the operator's tools:
+    edgefleet ships no image decoder)."""
+    files = sorted(child for child in path.iterdir() if not child.name.startswith("."))
+    if not files:
+        raise BuildError(f"baseline {path}: an empty folder")
+    if len(files) > MAX_FOLDER_FILES:
+        raise BuildError(f"baseline {path}: {len(files)} files, over {MAX_FOLDER_FILES}")
+    others = [child.name for child in files if child.suffix.lower() != ".npy"
+              or not child.is_file()]
+    if others:
+        raise BuildError(f"baseline {path}: only .npy files are read from a folder, not "
+                         f"{others[0]} (decode images into arrays and np.save them)")
+    total = sum(child.stat().st_size for child in files)
+    if total > max_bytes:
+        raise BuildError(f"baseline {path}: {total / 2**20:.0f} MiB of files, over "
+                         f"{max_bytes / 2**20:.0f} MiB: give fewer rows")
+    rank = len(spec.shape)
+    rows = []
+    for child in files:
+        try:
+            array = np.load(child, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BuildError(f"baseline {child}: not a readable .npy file "
+                             f"({one_line(exc)})") from None
+        if array.ndim == rank - 1:
+            array = array[np.newaxis]
+        if array.ndim != rank or (rows and array.shape[1:] != rows[0].shape[1:]):
+            raise BuildError(f"baseline {child}: shape {array.shape} does not stack with "
+                             f"the others as rows of input {spec.name!r} {spec.shape}")
+        rows.append(array)
+    return np.concatenate(rows)
+
+
 def load_baseline_data(
     path: Path, engine: Engine, max_file_bytes: int = DEFAULT_BASELINE_FILE_BYTES
 ) -> dict[str, np.ndarray]:
     """The training inputs by input name: ``.npy`` (memory-mapped) for a one-input model,
-    ``.npz`` keyed by input name (each member's inflated size checked before reading)."""
+    ``.npz`` keyed by input name (each member's inflated size checked before reading), or
+    a folder of ``.npy`` files stacked as the rows of a one-input model."""
     names = [spec.name for spec in engine.inputs]
     if path.is_dir():
-        raise BuildError(
-            f"baseline {path}: a directory; give the training inputs as an .npy array (a "
-            "folder of images needs an image decoder, which edgefleet does not ship: load "
-            "them into an array and np.save it)"
-        )
+        return {_one_input(path, names): _load_folder(path, engine.inputs[0], max_file_bytes)}
     if not path.is_file():
         raise BuildError(f"baseline {path}: no such file")
     suffix = path.suffix.lower()

@@ -6,7 +6,7 @@ here; that test covers PostgreSQL), a private mosquitto with one account per dev
 drift window, the image summaries, the outbox). The model is the small conv net of
 ``tests/fixtures/drift_models.py``: ``image`` [batch, 3, 16, 16] -> ``probs`` [batch, 4].
 
-The baseline is a set of generated "natural" images (smooth fields: a brightness, a
+The baseline is a folder of generated "natural" images (smooth fields: a brightness, a
 gradient, a few low-frequency waves, a little sensor noise). The bundle's baseline
 summarises the image per channel (``image:chN.mean``, ``.std``, ``.p10``, ``.p50``,
 ``.p90``) and the output as ``output:probs.class`` and ``output:probs.max``. Each device is
@@ -31,6 +31,8 @@ thresholds (seeds 0, 4-6, 8 and 9 hardly at all).
 """
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 
@@ -102,11 +104,15 @@ def test_darker_noisier_and_scrambled_cameras_are_flagged_on_their_image_feature
         work = tmp_path / "build"
         work.mkdir()
         build_conv_onnx(work / "model.onnx", seed=MODEL_SEED)
-        train = work / "train.npy"
-        np.save(train, natural_images(BASELINE_IMAGES, seed=1))
+        # A folder of generated images, a file per 1,000 (the build stacks them in order).
+        train = work / "train"
+        train.mkdir()
+        for start, chunk in enumerate(np.split(natural_images(BASELINE_IMAGES, seed=1),
+                                               BASELINE_IMAGES // 1000)):
+            np.save(train / f"images-{start:03d}.npy", chunk)
         built = build_bundle(work / "model.onnx", name="camera", version=1,
                              out_dir=tmp_path / "bundles", baseline=train)
-        train.unlink()  # the bundle holds its histograms; 61 MB less left behind
+        shutil.rmtree(train)  # the bundle holds its histograms; 61 MB less left behind
         baseline = decode(Baseline, member_bytes(built.path, "baseline.json", MAX_BASELINE_BYTES))
         (image,) = [s for s in baseline.summaries if s.role == "input"]
         assert (image.kind, image.channels) == ("image", 3), image

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -190,10 +191,48 @@ def test_baselines_that_cannot_be_used_are_refused_in_one_line(tmp_path, files, 
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_folder_of_images_is_refused_with_what_to_do_instead(tmp_path, onnx_mlp):
+def test_a_folder_of_images_gives_the_baseline_of_the_same_images_stacked(tmp_path):
+    build_conv_onnx(tmp_path / "conv.onnx")
+    images = np.random.default_rng(4).uniform(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(images[:30]):  # one image a file...
+        np.save(folder / f"img-{index:03d}.npy", image)
+    np.save(folder / "img-999.npy", images[30:])  # ... and a batch
+    np.save(tmp_path / "stacked.npy", images)
+    from_folder = build_bundle(tmp_path / "conv.onnx", name="a", version=1,
+                               out_dir=tmp_path / "a", baseline=folder)
+    from_array = build_bundle(tmp_path / "conv.onnx", name="b", version=1,
+                              out_dir=tmp_path / "b", baseline=tmp_path / "stacked.npy")
+    assert json.loads(_member(from_folder.path, "baseline.json")) == json.loads(
+        _member(from_array.path, "baseline.json"))
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({}, "an empty folder"),
+    ({"cat.png": b"\x89PNG"}, "only .npy files are read from a folder, not cat.png"),
+    ({"a.npy": np.zeros((3, 8, 8), np.float32), "b.npy": np.zeros((2, 3, 9, 9), np.float32)},
+     "does not stack"),
+])
+def test_a_folder_the_build_cannot_read_is_refused_with_what_to_do(tmp_path, files, message):
+    build_conv_onnx(tmp_path / "conv.onnx")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            np.save(folder / name, content)
+    with pytest.raises(BuildError, match=re.escape(message)):
+        build_bundle(tmp_path / "conv.onnx", name="m", version=1, out_dir=tmp_path,
+                     baseline=folder)
+
+
+def test_a_folder_for_a_model_of_several_inputs_is_refused(tmp_path, onnx_mlp):
+    build_multi_input_onnx(tmp_path / "multi.onnx")
     (tmp_path / "images").mkdir()
-    with pytest.raises(BuildError, match=r"np\.save"):
-        build_bundle(onnx_mlp.path, name="m", version=1, out_dir=tmp_path,
+    with pytest.raises(BuildError, match="one-input model"):
+        build_bundle(tmp_path / "multi.onnx", name="m", version=1, out_dir=tmp_path,
                      baseline=tmp_path / "images")
 
 
