@@ -43,11 +43,13 @@ from agent.contract import (
     SAMPLE_EXPECTED_PREFIX,
     SAMPLE_INPUT_PREFIX,
     BundleManifest,
+    DriftThresholdSpec,
     FileEntry,
     HealthCheckSpec,
     MessageRejected,
     ModelMetadata,
     TensorSchema,
+    convert,
     manifest_bytes,
     to_json,
     utcnow,
@@ -289,6 +291,7 @@ def build_bundle(
     input_values: Mapping[str, float | int] | None = None,
     max_samples_bytes: int = DEFAULT_MAX_SAMPLES_BYTES,
     summaries: Mapping[str, SummaryChoice | str] | None = None,
+    drift_thresholds: Mapping[str, float] | None = None,
 ) -> BuiltBundle:
     """Build ``out_dir/NAME-VERSION.bundle``; every refusal is a one-line :class:`BuildError`.
 
@@ -321,9 +324,12 @@ def build_bundle(
             computed = compute_baseline(engine, baseline_data, summaries=summaries)
             baseline_doc = computed.baseline
             warnings.extend(computed.warnings)
-        elif summaries:
-            raise BuildError("--summary chooses how the --baseline is summarised: give a "
-                             "--baseline too")
+            if drift_thresholds:
+                baseline_doc = msgspec.structs.replace(
+                    baseline_doc, thresholds=_threshold_spec(drift_thresholds))
+        elif summaries or drift_thresholds:
+            raise BuildError("--summary and --drift-threshold are about the --baseline: give "
+                             "a --baseline too")
         made = _sample_inputs(engine, samples, baseline_data, input_shapes or {},
                               input_values or {})
         inputs = made.inputs
@@ -431,6 +437,14 @@ def write_archive(path: Path, members: dict[str, bytes]) -> None:
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
     tmp.replace(path)
+
+
+def _threshold_spec(given: Mapping[str, float]) -> DriftThresholdSpec:
+    """The model's drift thresholds as the contract carries them (refused out of range)."""
+    try:
+        return convert(DriftThresholdSpec, dict(given))
+    except MessageRejected as exc:
+        raise BuildError(f"--drift-threshold: {exc.detail}") from None
 
 
 def member_bytes(path: Path, name: str, max_bytes: int) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -453,8 +454,13 @@ def bundle_build(
     name: Annotated[str, typer.Option(help="bundle name")],
     version: Annotated[int, typer.Option(help="integer version, higher is newer")],
     baseline: Annotated[Path | None, typer.Option(
-        help="training inputs: .npy (one input) or .npz keyed by input name; rows on axis 0. "
-             "The model runs on them too, for its output baseline")] = None,
+        help="training inputs: .npy (one input), .npz keyed by input name, or a folder of "
+             ".npy files (one input); rows on axis 0. The model runs on them too, for its "
+             "output baseline")] = None,
+    drift_threshold: Annotated[list[str] | None, typer.Option(
+        help="STAT=VALUE: this model's drift threshold (psi, js, wasserstein, missing), "
+             "carried in the bundle; operators may override it (edge-fleet drift settings); "
+             "repeatable")] = None,
     summary: Annotated[list[str] | None, typer.Option(
         help="NAME=KIND[:LAYOUT]: how drift summarises a tensor (values, image, audio, stats, "
              "classes, scores, none; an image may add :nchw, :nhwc or :gray); repeatable. "
@@ -493,6 +499,7 @@ def bundle_build(
             allow_nan=allow_nan, input_shapes=shapes, input_values=values,
             max_samples_bytes=int(max_samples_mb * 1024 * 1024),
             summaries=parse_summary_hints(summary or ()) or None,
+            drift_thresholds=_drift_thresholds(drift_threshold or ()),
         )
     except (BuildError, ValueError) as exc:  # one line, however long: not wrapped by rich
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
@@ -500,6 +507,21 @@ def bundle_build(
     for warning in built.warnings:
         err.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"{built.path}  {built.size} bytes  sha256 {built.sha256}", highlight=False)
+
+
+def _drift_thresholds(given: Sequence[str]) -> dict[str, float] | None:
+    """``--drift-threshold psi=0.3``: ValueError naming a bad one."""
+    thresholds: dict[str, float] = {}
+    for item in given:
+        stat, sep, value = item.partition("=")
+        if not sep or stat not in ("psi", "js", "wasserstein", "missing"):
+            raise ValueError(f"--drift-threshold {item!r}: expected psi|js|wasserstein|missing"
+                             "=NUMBER")
+        try:
+            thresholds[stat] = float(value)
+        except ValueError:
+            raise ValueError(f"--drift-threshold {item!r}: {value!r} is not a number") from None
+    return thresholds or None
 
 
 @bundle_app.command("publish", epilog="Example: edge-fleet bundle publish dist/detector-3.bundle")

@@ -245,3 +245,21 @@ def test_the_baseline_json_is_what_the_contract_reads(tmp_path, onnx_mlp):
     assert document["summaries"] == [
         {"tensor": "x", "role": "input", "kind": "values", "columns": 4},
         {"tensor": "y", "role": "output", "kind": "classes", "classes": 3}]
+
+
+def test_the_builder_s_drift_thresholds_travel_in_the_baseline_and_bad_ones_are_refused(
+    tmp_path, onnx_mlp
+):
+    np.save(tmp_path / "x.npy", np.random.default_rng(7).normal(size=(30, 4)))
+    built = build_bundle(onnx_mlp.path, name="mlp", version=1, out_dir=tmp_path,
+                         baseline=tmp_path / "x.npy", drift_thresholds={"psi": 0.3, "js": 0.15})
+    baseline = decode(Baseline, _member(built.path, "baseline.json"))
+    assert baseline.thresholds is not None
+    assert (baseline.thresholds.psi, baseline.thresholds.js) == (0.3, 0.15)
+    assert baseline.thresholds.wasserstein is None  # the fleet's default applies
+    with pytest.raises(BuildError, match="drift-threshold: field 'psi'"):
+        build_bundle(onnx_mlp.path, name="mlp", version=2, out_dir=tmp_path,
+                     baseline=tmp_path / "x.npy", drift_thresholds={"psi": -1})
+    with pytest.raises(BuildError, match="give a --baseline too"):
+        build_bundle(onnx_mlp.path, name="mlp", version=2, out_dir=tmp_path,
+                     drift_thresholds={"psi": 0.3})
