@@ -123,6 +123,10 @@ class ModelHost:
         if (type(data) is np.ndarray and len(specs) == 1
                 and data.ndim == len(specs[0].shape)):
             feeds: Mapping[str, np.ndarray] = {specs[0].name: data}
+        elif isinstance(data, Mapping) and len(data) == len(specs) and all(
+                type(data.get(spec.name)) is np.ndarray
+                and data[spec.name].ndim == len(spec.shape) for spec in specs):
+            feeds = data  # arrays by name, batch first: as the engine ran them
         else:
             try:
                 feeds = prepare_inputs(specs, data)

@@ -82,6 +82,14 @@ class _SimAgent(AgentDaemon):
 
     faults_at: Callable[[int | None], DeviceFaults]
 
+    def _drift_plan(self, model: LoadedModel):
+        """Drift is tracked only on a device fed real rows (its faults' ``inputs`` when the
+        model is loaded): the default load repeats one sample, which is no distribution,
+        and counting it would only add work to every simulated request."""
+        if not self.faults_at(model.manifest.version).inputs:
+            return None
+        return super()._drift_plan(model)
+
     def _swap_model(self, new: LoadedModel) -> None:
         if not isinstance(new.engine, FaultyEngine):
             version = new.manifest.version

@@ -19,8 +19,9 @@ The fault file is JSON, written by a test or an operator and re-read whenever it
 ``inputs`` is what the device is fed: a ``.npz`` of arrays named as the model's inputs
 (a ``.npy`` for a one-input model), batch first; each synthetic request is ``batch`` rows
 (1 by default) drawn at random. Without it a device sends the first row of the bundle's
-health-check samples over and over. It is how a test shifts the input distribution of
-some devices (drift).
+health-check samples over and over, and tracks no drift (one repeated sample is no
+distribution): drift is tracked on a device whose faults name ``inputs`` when its model is
+loaded. It is how a test shifts the input distribution of some devices.
 
 A device's faults are the command-line flags, overridden by ``defaults``, overridden by
 its own entry or entries, in order (only the fields given). An entry with

@@ -26,7 +26,7 @@ from tests.fixtures.broker import DEPLOY_DIR, FLEET_ACCOUNT, PUBLISHER_ACCOUNT
 from tests.fixtures.processes import FleetServer, start_fleet
 
 FEATURES = [f"x[{i}]" for i in range(10)]  # brackets: a name must never be read as markup
-NOW = utcnow()
+NOW = utcnow()  # set again when the module's fleet is seeded (see the fixture)
 
 
 def _stats(severity: float | None) -> list:
@@ -78,6 +78,8 @@ def fleet(tmp_path_factory) -> Iterator[FleetServer]:
                              f"sqlite:///{work / 'fleet.db'}",
                              publisher_broker_url=broker.url_for(PUBLISHER_ACCOUNT))
         try:
+            global NOW
+            NOW = utcnow()  # the seeded times are "minutes ago" when the tests run
             _seed(server.env["EDGEFLEET_DATABASE_URL"])
             yield server
         finally:
