@@ -24,7 +24,7 @@ from agent.contract import to_data
 from agent.drift.plan import DriftPlan
 from agent.drift.window import DriftWindow
 from agent.installer import LoadedModel
-from agent.runtime.engine import InputData, InputError, prepare_inputs
+from agent.runtime.engine import InputData, InputError, TensorSpec, prepare_inputs
 from agent.stats import InferenceStats
 
 __all__ = ["ModelHost", "NoModelError"]
@@ -40,6 +40,7 @@ class _Lease:
         self.inflight = 0
         self.retired = False
         self.tracked = tracked  # the drift window counts this model's requests
+        self.inputs = model.engine.inputs if tracked else []  # read once, not per request
 
 
 class ModelHost:
@@ -110,16 +111,15 @@ class ModelHost:
         finally:
             self._release(lease)
         if lease.tracked:
-            self._observe(model, data, outputs)
+            self._observe(lease.inputs, data, outputs)
         return outputs, model
 
-    def _observe(self, model: LoadedModel, data: InputData, outputs: dict[str, np.ndarray]
-                 ) -> None:
+    def _observe(self, specs: list[TensorSpec], data: InputData,
+                 outputs: dict[str, np.ndarray]) -> None:
         """Show an answered request to the drift window, as the engine ran it (batch
         first). The common request, one batched array for a one-input model, is passed
         as it is; anything else (a single sample, lists, a mapping) is prepared again as
         the engine prepared it, which only the already slower requests pay."""
-        specs = model.engine.inputs
         if (type(data) is np.ndarray and len(specs) == 1
                 and data.ndim == len(specs[0].shape)):
             feeds: Mapping[str, np.ndarray] = {specs[0].name: data}

@@ -44,7 +44,7 @@ from fleet.drift.judge import (
     check_operator_settings,
     judge,
 )
-from fleet.models import DriftAlert, DriftPolicy, DriftWindowRow
+from fleet.models import DriftAlert, DriftPolicy, DriftWindowRow, _as_utc
 from fleet.registry import find_baseline
 
 __all__ = [
@@ -294,8 +294,6 @@ def alert_public(alert: DriftAlert) -> dict[str, Any]:
 def _utc(value: datetime | None) -> str | None:
     if value is None:
         return None
-    from fleet.models import _as_utc
-
     at = _as_utc(value)
     assert at is not None
     return at.isoformat()
