@@ -107,14 +107,16 @@ def fetch_device_broker(fleet_url: str) -> str | None:
         response = _http().request("GET", url, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
         raise ValueError(f"cannot fetch {url}: {exc}") from exc
+    complete = False
     try:
         if response.status == 404:
             return None
         if response.status != 200:
             raise ValueError(f"{url}: HTTP {response.status}")
         body = response.read(_MAX_DEVICE_CONFIG_BYTES + 1)
+        complete = len(body) <= _MAX_DEVICE_CONFIG_BYTES
     finally:
-        response.release_conn()
+        _let_go(response, complete)
     if len(body) > _MAX_DEVICE_CONFIG_BYTES:
         raise ValueError(f"{url}: answer larger than {_MAX_DEVICE_CONFIG_BYTES} bytes")
     try:
@@ -280,6 +282,7 @@ class BundleClient:
             timeout=urllib3.Timeout(connect=min(10, remaining), read=min(30, remaining)),
         )
         watch.attach(response)
+        complete = False
         try:
             if response.status == 200:
                 stream.restart()  # the server ignored our Range
@@ -293,13 +296,27 @@ class BundleClient:
                     if progress is not None:
                         progress(stream.size, stream.length)
                     watch.check()
+            complete = True
         finally:
             watch.attach(None)
-            response.release_conn()
+            _let_go(response, complete)
         if stream.size < stream.length:
             raise urllib3.exceptions.ProtocolError(
                 f"connection closed at {stream.size}/{stream.length} bytes"
             )
+
+
+def _let_go(response, complete: bool) -> None:
+    """Hand the connection back to the pool only when its response was read to the end.
+
+    A response left half-read (an error status whose body nobody wants, a download stopped
+    by its watch) leaves bytes on the socket; pooled as it is, the next request on that
+    connection reads them as its own status line (``BadStatusLine('{"detail":"not
+    found"}HTTP/1.1 200 OK')``). Draining could take as long as a hostile server likes, so
+    such a connection is closed instead."""
+    if not complete:
+        response.close()
+    response.release_conn()
 
 
 class _BoundedFetcher(FetcherInterface):
@@ -330,7 +347,7 @@ class _BoundedFetcher(FetcherInterface):
             error = tuf_errors.SlowRetrievalError if slow else tuf_errors.DownloadError
             raise error(f"{url}: {exc}") from exc
         if response.status >= 400:
-            response.release_conn()
+            _let_go(response, complete=False)
             watch.__exit__(None, None, None)
             raise tuf_errors.DownloadHTTPError(f"{url}: HTTP {response.status}",
                                                response.status)
@@ -339,11 +356,13 @@ class _BoundedFetcher(FetcherInterface):
     @staticmethod
     def _chunks(url: str, response, watch: DownloadWatch) -> Iterator[bytes]:
         watch.attach(response)
+        complete = False
         try:
             while chunk := response.read1(_CHUNK):
                 watch.received += len(chunk)
                 watch.check()
                 yield chunk
+            complete = True
         except DownloadError as exc:  # the watch's verdict: too slow, deadline
             raise tuf_errors.SlowRetrievalError(f"{url}: {exc}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -354,7 +373,7 @@ class _BoundedFetcher(FetcherInterface):
             raise tuf_errors.DownloadError(f"{url}: {exc}") from exc
         finally:
             watch.attach(None)
-            response.release_conn()
+            _let_go(response, complete)
             watch.__exit__(None, None, None)
 
 
