@@ -103,6 +103,7 @@ def _run_service(
     local_agent_id: str | None = None,
 ) -> None:
     from fleet.data_dir import DataDirBusy
+    from fleet.db import SchemaError
     from fleet.local_broker import BrokerNotFound
     from fleet.serve import ServeError
     from fleet.serve import serve as run_service
@@ -118,7 +119,8 @@ def _run_service(
             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
             local_agent_id=local_agent_id,
         )
-    except (BrokerNotFound, DataDirBusy, ServeError, AdminTokenConflict, ValueError) as exc:
+    except (BrokerNotFound, DataDirBusy, ServeError, AdminTokenConflict, SchemaError,
+            ValueError) as exc:
         err.print(f"error: {exc}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -148,17 +150,21 @@ def quickstart(
     _run_service(port, host, broker, data_dir, log_level, local_agent_id=device_id)
 
 
-def _local_engine(settings: Settings):
+def _local_engine(settings: Settings, migrate: bool = True):
     """The fleet's database, if this data directory holds a fleet: a mistyped
     ``--data-dir`` must not quietly become a new, empty fleet."""
-    from fleet.db import init_db, make_engine
+    from fleet.db import SchemaError, init_db, make_engine
 
     if settings.database_url is None and not settings.data_dir.is_dir():
         raise _fail(f"no fleet in {settings.data_dir} (no such directory): start "
                     f"`edge-fleet serve --data-dir {settings.data_dir}` once, or check "
                     "--data-dir / EDGEFLEET_DATA_DIR")
     engine = make_engine(settings.resolved_database_url)
-    init_db(engine)
+    if migrate:
+        try:
+            init_db(engine)
+        except SchemaError as exc:
+            raise _fail(str(exc)) from None
     return engine
 
 
@@ -375,6 +381,58 @@ def devices_tag(
                    {"add": add, "remove": removed})
     shown = ", ".join(f"{k}={v}" for k, v in sorted(row["tags"].items())) or "none"  # type: ignore[index]
     console.print(f"{device_id}: tags {shown}", highlight=False)
+
+
+def _duration_s(text: str) -> float:
+    """'90s', '30m', '24h', '7d' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise _fail(f"--expires {text!r}: expected e.g. 90s, 30m, 24h or 7d") from None
+    if value <= 0:
+        raise _fail(f"--expires {text!r}: must be more than 0")
+    return value
+
+
+@devices_app.command("add", epilog="Example: edge-fleet devices add cam-01 --tag site=berlin")
+def devices_add(
+    device_id: DeviceArgument,
+    tags: Annotated[list[str] | None, typer.Option(
+        "--tag", help="KEY=VALUE tag to set on the device (repeatable)")] = None,
+    expires: Annotated[str, typer.Option(
+        help="how long the code stays valid: 90s, 30m, 24h, 7d (at most 30d)")] = "24h",
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Register a device and print its one-time enrollment code (it also names this
+    fleet's root keys). Run the printed command on the device; the code works once. Adding
+    a known device (re-flashed, replaced) gives it a new code."""
+    from fleet.selectors import SelectorError, parse_labels
+
+    try:
+        parsed = parse_labels(tags or [])
+    except SelectorError as exc:
+        raise _fail(str(exc)) from None
+    row = _request(url, token, "POST", "/api/v1/devices",
+                   {"id": device_id, "tags": parsed, "expires_in_s": _duration_s(expires)})
+    console.print(f"{row['device_id']}: enrollment code (valid until {row['expires_at']}, "  # type: ignore[index]
+                  "once):", highlight=False)
+    console.print(f"  {row['code']}", highlight=False)  # type: ignore[index]
+    console.print("on the device, run:", highlight=False)
+    console.print(f"  {row['command']}", highlight=False, soft_wrap=True)  # type: ignore[index]
+
+
+@devices_app.command("revoke", epilog="Example: edge-fleet devices revoke cam-01")
+def devices_revoke(
+    device_id: DeviceArgument, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None
+) -> None:
+    """Shut a device out: its broker account is removed (its connection is closed and it
+    cannot connect again) and its unused codes are void. Its history stays; enrolling it
+    again takes a new code (devices add)."""
+    row = _request(url, token, "POST", f"/api/v1/devices/{device_id}/revoke")
+    console.print(f"revoked {device_id}: {row['detail']}", highlight=False)  # type: ignore[index]
 
 
 @devices_app.command("remove", epilog="Example: edge-fleet devices remove cam-01")
@@ -1241,6 +1299,56 @@ def drift_settings(
         console.print_json(data=row)
         return
     console.print(_settings_view(row, version))  # type: ignore[arg-type]
+
+
+db_app = typer.Typer(help="the fleet database's schema (migrations)", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("current", epilog="Example: edge-fleet db current")
+def db_current(data_dir: DataDirOption = None) -> None:
+    """Print the database's schema revision beside this edge-fleet's newest. Exit code 1
+    while a migration is pending (`edge-fleet db upgrade`, or the next start, applies it)."""
+    from fleet.migrations import SchemaTooNewError, current_revision, head_revision, known_revisions
+
+    engine = _local_engine(_settings(data_dir), migrate=False)
+    try:
+        found = current_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if found is not None and found not in known_revisions():
+        raise _fail(str(SchemaTooNewError(found, head)))
+    state = "up to date" if found == head else "migration pending"
+    console.print(f"{found or 'none'} (newest: {head}): {state}", highlight=False)
+    if found != head:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade", epilog="Example: EDGEFLEET_DATABASE_URL=postgresql://fleet@db/fleet "
+                "edge-fleet db upgrade")
+def db_upgrade(data_dir: DataDirOption = None) -> None:
+    """Migrate the database's schema to this edge-fleet's newest revision, as a start of
+    the fleet would (under the same lock: safe while other workers start)."""
+    from fleet.migrations import SchemaError, upgrade
+
+    engine = _local_engine(_settings(data_dir), migrate=False)
+    try:
+        done = upgrade(engine)
+    except SchemaError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        engine.dispose()
+    if not done.changed:
+        console.print(f"{done.after}: up to date", highlight=False)
+        return
+    if done.adopted:
+        said = f"took over the database made before migrations: {done.after}"
+    elif done.before is None:
+        said = f"created the schema: {done.after}"
+    else:
+        said = f"migrated from {done.before} to {done.after}"
+    console.print(said, highlight=False)
 
 
 def main() -> None:

@@ -12,12 +12,17 @@ from http import HTTPStatus
 from typing import ClassVar
 
 __all__ = [
+    "EnrollmentRefusedError",
+    "ExpiredCodeError",
     "FleetError",
+    "InvalidProofError",
     "InvalidRequestError",
     "NotFoundError",
     "UnavailableError",
     "UnknownBundleError",
+    "UnknownCodeError",
     "UnknownDevicesError",
+    "UsedCodeError",
 ]
 
 
@@ -53,3 +58,29 @@ class UnavailableError(FleetError):
 
     reason = "unavailable"
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class EnrollmentRefusedError(FleetError):
+    """An enrollment the fleet does not accept; each subclass names why."""
+
+    reason = "enrollment_refused"
+    status = HTTPStatus.FORBIDDEN
+
+
+class UnknownCodeError(EnrollmentRefusedError):
+    reason = "enrollment_code_unknown"
+
+
+class UsedCodeError(EnrollmentRefusedError):
+    reason = "enrollment_code_used"
+
+
+class ExpiredCodeError(EnrollmentRefusedError):
+    reason = "enrollment_code_expired"
+
+
+class InvalidProofError(EnrollmentRefusedError):
+    """The public key is not Ed25519, or the signature over the code does not verify."""
+
+    reason = "enrollment_proof_invalid"
+    status = HTTPStatus.BAD_REQUEST

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import getpass
+import json
 import shutil
 import signal
 import socket
@@ -23,6 +24,11 @@ import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from agent.identity import write_private
+from agent.mqtt import BrokerAddress
+from fleet.broker.accounts import new_password
+from fleet.broker.dynsec import ADMIN_ACCOUNT, initial_store
 
 __all__ = ["BrokerNotFound", "LocalBroker", "free_port", "production_config"]
 
@@ -56,6 +62,9 @@ def find_mosquitto() -> str:
             "or pass --broker mqtt://HOST:PORT"
         )
     return found
+
+
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
 
 def find_dynamic_security_plugin(configured: str) -> str:
@@ -105,12 +114,19 @@ class LocalBroker:
         extra_config: str = "",
         persistence: bool = True,
         deploy_dir: Path | None = None,
+        accounts: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         """With ``deploy_dir`` (``deploy/mosquitto``) the broker runs the production
-        configuration and takes only accounts added by :meth:`add_account`; without it, it
-        is open to anyone on loopback."""
+        configuration and takes only accounts added by :meth:`add_account`. With
+        ``accounts`` it runs the same scheme set up from Python (what ``edge-fleet serve``
+        starts: no anonymous access; the fleet manages accounts through
+        :meth:`admin_address`), listening on ``host``. With neither, it is open to anyone
+        on loopback (tests of the MQTT link only)."""
         self.work_dir = work_dir
         self.port = port or free_port()
+        self.host = host
+        self.accounts = accounts and deploy_dir is None
         self.extra_config = extra_config
         self.persistence = persistence
         self.deploy_dir = deploy_dir
@@ -120,8 +136,42 @@ class LocalBroker:
         self._process: subprocess.Popen | None = None
 
     @property
+    def reach_host(self) -> str:
+        """Where a process on this host connects (a wildcard bind: loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.reach_host}:{self.port}"
+
+    @property
+    def admin_password_path(self) -> Path:
+        return self.work_dir / "admin-password"
+
+    @property
+    def store_path(self) -> Path:
+        return self.work_dir / "dynamic-security.json"
+
+    def admin_address(self) -> BrokerAddress:
+        """The dynamic-security admin account, over loopback (an ``accounts`` broker)."""
+        if not self.accounts:
+            raise RuntimeError("only a broker started with accounts=True has an admin here")
+        password = self.admin_password_path.read_text().strip()
+        return BrokerAddress(self.reach_host, self.port, username=ADMIN_ACCOUNT,
+                             password=password)
+
+    def _make_store(self) -> None:
+        """The account store and its admin password, once per directory (both 0600)."""
+        if self.store_path.exists():
+            if not self.admin_password_path.is_file():
+                raise RuntimeError(
+                    f"{self.store_path} exists but {self.admin_password_path} does not: the "
+                    "broker's accounts cannot be managed; move the store away to start anew "
+                    "(every device then enrolls again)")
+            return
+        password = new_password()
+        write_private(self.admin_password_path, password.encode() + b"\n")
+        write_private(self.store_path, json.dumps(initial_store(password), indent=1).encode())
 
     @property
     def pid(self) -> int | None:
@@ -170,9 +220,14 @@ class LocalBroker:
             )
             self.config_path.write_text(text + self.extra_config)
             return self.config_path
+        if self.accounts:
+            self._make_store()
         lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"listener {self.port} {self.host}",
+            *(["allow_anonymous false",
+               "plugin " + find_dynamic_security_plugin(DYNSEC_PLUGIN),
+               f"plugin_opt_config_file {self.store_path}"] if self.accounts
+              else ["allow_anonymous true"]),
             f"user {user}",
             "max_queued_messages 1000000",
             "max_inflight_messages 100",
@@ -209,7 +264,7 @@ class LocalBroker:
                     f"{self.log_path.read_text(errors='replace')[-2000:]}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.reach_host, self.port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.05)

@@ -559,3 +559,70 @@ class DriftAlert(SQLModel, table=True):
     notice_next_at: datetime | None = Field(default=None, sa_type=_tz())
     notice_error: str | None = Field(default=None, max_length=300)
     notices_sent: int = 0
+
+
+class EnrollmentCode(SQLModel, table=True):
+    """A one-time code for one device (``edge-fleet devices add``): only the SHA-256 of its
+    secret is kept; used once, before it expires. A newer code for the same device
+    replaces the older ones still unused."""
+
+    __tablename__ = "enrollment_code"
+
+    id: int | None = Field(default=None, primary_key=True)
+    secret_hash: str = Field(unique=True, index=True, max_length=64)
+    device_id: str = Field(index=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    expires_at: datetime = Field(sa_type=_tz())
+    used_at: datetime | None = Field(default=None, sa_type=_tz())
+    created_by: str = Field(max_length=160)
+
+
+class DeviceIdentity(SQLModel, table=True):
+    """What enrollment established: the device's public key and its broker account.
+    ``revoked_at`` set: its account is gone and it may not enroll again without a new code."""
+
+    __tablename__ = "device_identity"
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    public_key: str = Field(sa_type=Text)
+    enrolled_at: datetime = Field(default_factory=utcnow, sa_type=_tz())
+    revoked_at: datetime | None = Field(default=None, sa_type=_tz())
+    broker_account: bool = False  # whether the fleet made its broker account
+
+
+class EnrollmentCodePublic(BaseModel):
+    """The code, shown once: the fleet keeps only its hash."""
+
+    device_id: str
+    code: str
+    expires_at: datetime
+    command: str = PydanticField(description="what to run on the device")
+
+
+class DeviceCreate(BaseModel):
+    id: str = PydanticField(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tags: dict[str, str] = PydanticField(default_factory=dict)
+    expires_in_s: float = PydanticField(default=86_400, gt=0, le=30 * 86_400,
+                                        description="how long the code stays valid")
+
+
+class EnrollBody(BaseModel):
+    """``POST /api/v1/enroll`` (agent.enrollment.EnrollRequest)."""
+
+    secret: str = PydanticField(min_length=16, max_length=16, pattern=r"^[A-Z2-7]{16}$")
+    public_key: str = PydanticField(min_length=1, max_length=1024)
+    proof: str = PydanticField(min_length=1, max_length=200)
+
+
+class EnrollAnswer(BaseModel):
+    device_id: str
+    broker: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+class RevocationPublic(BaseModel):
+    device_id: str
+    revoked_at: datetime
+    broker_account_removed: bool
+    detail: str

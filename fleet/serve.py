@@ -20,15 +20,18 @@ import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import uvicorn
 from sqlmodel import Session
 
 from agent.contract import utcnow
 from agent.mqtt import BrokerAddress
-from fleet import telemetry
+from fleet import enrollment, telemetry
 from fleet.api import create_app
 from fleet.api.routes.device_config import DeviceBroker
+from fleet.broker.accounts import BrokerAccounts, worker_account
+from fleet.broker.dynsec import DynsecAccounts
 from fleet.data_dir import DataDirLock, local_broker_port
 from fleet.db import init_db, make_engine
 from fleet.desired_resend import resend_unacknowledged
@@ -143,7 +146,7 @@ class _LocalAgent:
 
     def __init__(
         self, settings: Settings, device_id: str, broker_env: str | None,
-        say: Callable[[str], None],
+        say: Callable[[str], None], issue_code: Callable[[], str],
     ) -> None:
         self.device_id = device_id
         self.api_url = _api_url(settings)
@@ -153,6 +156,7 @@ class _LocalAgent:
         # Given only for a broker the fleet was told (--broker): the local broker is
         # learnt at enrollment, as a device would.
         self._broker_env = broker_env
+        self._issue_code = issue_code
         self._say = say
         self._lock = threading.Lock()
         self._stopping = False
@@ -187,7 +191,7 @@ class _LocalAgent:
         # --force: the local agent's state lives in this data directory, so re-pinning
         # this very fleet's root is safe, and keeps its fleet URL and broker current
         # when the fleet restarts on another port.
-        enroll = self._command("enroll", "--fleet", self.api_url,
+        enroll = self._command("enroll", "--fleet", self.api_url, "--code", self._issue_code(),
                                "--state-dir", str(self.state_dir), "--force")
         with self.log_path.open("ab") as log_file:
             done = subprocess.run(enroll, stdout=log_file, stderr=subprocess.STDOUT,
@@ -200,13 +204,7 @@ class _LocalAgent:
         if self._broker_env is not None:
             # In the environment, not argv: a broker password must not show in `ps`.
             env["EDGE_AGENT_BROKER"] = self._broker_env
-        run = self._command(
-            "run",
-            "--device-id", self.device_id,
-            "--state-dir", str(self.state_dir),
-            "--fleet", self.api_url,
-            "--interval", "5",
-        )  # fmt: skip
+        run = self._command("run", "--state-dir", str(self.state_dir), "--interval", "5")
         with self._lock:
             if self._stopping:
                 return
@@ -233,6 +231,52 @@ class _LocalAgent:
             self._say(f"agent: the API at {self.api_url} did not answer within 60 s; "
                       f"{self.device_id} is not started")
         return False
+
+
+def _start_broker(
+    settings: Settings, say: Callable[[str], None],
+) -> tuple[LocalBroker | None, str, BrokerAccounts | None]:
+    """The broker this fleet uses: the one given, or a local one with accounts (no
+    anonymous access) whose port is kept per data directory; and who makes accounts."""
+    if settings.broker_url is not None:
+        say(f"broker: {BrokerAddress.parse(settings.broker_url)}")
+        accounts = None
+        if settings.broker_admin_url:
+            try:
+                accounts = DynsecAccounts(BrokerAddress.parse(settings.broker_admin_url))
+            except ValueError as exc:
+                raise ServeError(f"EDGEFLEET_BROKER_ADMIN_URL: {exc}") from None
+        return None, settings.broker_url, accounts
+    port = local_broker_port(settings.data_dir, free_port)
+    local_broker = LocalBroker(settings.data_dir / "broker", port, accounts=True,
+                               host=settings.host)
+    try:
+        local_broker.start()
+    except RuntimeError as exc:
+        if _port_taken(port):
+            raise LocalBrokerPortTaken(
+                f"the local broker's port {port} (kept for this data directory "
+                f"in {settings.data_dir / 'broker-port'}, so agents find it again) is in "
+                "use by another program: stop it, or give --broker URL"
+            ) from None
+        raise LocalBrokerPortTaken(f"the local broker did not start: {exc}") from None
+    say(f"broker: {local_broker.url} (local mosquitto on {settings.host}, accounts only, "
+        f"log {local_broker.log_path})")
+    return local_broker, local_broker.url, DynsecAccounts(local_broker.admin_address())
+
+
+def _with_account(url: str, user: str, password: str) -> str:
+    address = BrokerAddress.parse(url)
+    scheme = "mqtts" if address.tls else "mqtt"
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{address.port}"
+
+
+def _local_agent_code(engine, repository: FleetRepository, device_id: str) -> str:
+    """The quickstart's device enrolls like any other: with a code of its own."""
+    with Session(engine) as session:
+        return enrollment.issue_code(session, repository.root().signed, device_id,
+                                     actor="system:quickstart").code
 
 
 def serve(
@@ -277,25 +321,22 @@ def _serve_locked(
     for chore in chores:
         chore.start()
 
-    local_broker = None
-    broker_url = settings.broker_url
-    if broker_url is None:
-        port = local_broker_port(settings.data_dir, free_port)
-        local_broker = LocalBroker(settings.data_dir / "broker", port)
-        try:
-            local_broker.start()
-        except RuntimeError as exc:
-            if _port_taken(port):
-                raise LocalBrokerPortTaken(
-                    f"the local broker's port 127.0.0.1:{port} (kept for this data directory "
-                    f"in {settings.data_dir / 'broker-port'}, so agents find it again) is in "
-                    "use by another program: stop it, or give --broker URL"
-                ) from None
-            raise LocalBrokerPortTaken(f"the local broker did not start: {exc}") from None
-        broker_url = local_broker.url
-        say(f"broker: {broker_url} (local mosquitto, log {local_broker.log_path})")
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{settings.port}"
+    local_broker, broker_url, accounts = _start_broker(settings, say)
+    publisher_url = settings.publisher_broker_url
+    if accounts is not None:
+        if local_broker is not None:
+            broker_url = _with_account(broker_url, worker_account(worker_id),
+                                       accounts.add_worker(worker_id))
+        if publisher_url is None:
+            publisher_url = _with_account(
+                broker_url, worker_account(f"{worker_id}-publisher"),
+                accounts.add_worker(f"{worker_id}-publisher"))
+        say(f"broker accounts: made by this fleet ({accounts.describe()}): one per device "
+            "at enrollment, removed at revocation")
     else:
-        say(f"broker: {BrokerAddress.parse(broker_url)}")
+        say("broker accounts: not managed by this fleet (no EDGEFLEET_BROKER_ADMIN_URL): "
+            "devices enroll without credentials; give them accounts on the broker yourself")
 
     notifier = _drift_notifier(engine, settings, say)
     ingest = IngestWorker(
@@ -303,7 +344,7 @@ def _serve_locked(
         engine,
         queue_max=settings.ingest_queue_max,
         batch_wait_s=settings.ingest_batch_wait_s,
-        worker_id=settings.worker_id or f"{socket.gethostname()}-{settings.port}",
+        worker_id=worker_id,
         shared=settings.ingest_shared,
         notify_drift=notifier is not None,
         on_drift_alert=notifier.wake if notifier is not None else None,
@@ -313,9 +354,8 @@ def _serve_locked(
     ingest.start()
     publisher, said = publisher_for(
         BrokerAddress.parse(broker_url),
-        BrokerAddress.parse(settings.publisher_broker_url)
-        if settings.publisher_broker_url else None,
-        settings.worker_id or f"{socket.gethostname()}-{settings.port}", ingest.link)
+        BrokerAddress.parse(publisher_url) if publisher_url else None,
+        worker_id, ingest.link)
     publisher.start()
     say(said)
     resend = Periodic("resend desired", max(1.0, settings.desired_resend_s / 4),
@@ -328,11 +368,12 @@ def _serve_locked(
     say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"
         + ("" if device_broker.fixed else " (with the host name they reach the API by)")
         + "; set EDGEFLEET_DEVICE_BROKER_URL if they reach it elsewhere")
-    app = create_app(engine, ingest, repository, device_broker, publisher)
+    app = create_app(engine, ingest, repository, device_broker, publisher, accounts)
     agent = None
     if local_agent_id is not None:
-        agent = _LocalAgent(settings, local_agent_id,
-                            None if local_broker is not None else broker_url, say)
+        agent = _LocalAgent(
+            settings, local_agent_id, None if accounts is not None else broker_url, say,
+            issue_code=lambda: _local_agent_code(engine, repository, local_agent_id))
         agent.start()
         say(f"agent: {local_agent_id} starts once the API answers (log {agent.log_path})")
     api = f"http://{settings.host}:{settings.port}"

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # The broker address devices are told at enrollment (GET /api/v1/device-config), when
     # it differs from the fleet's own (NAT, another name): mqtt://HOST:PORT, no credentials.
     device_broker_url: str | None = None
+    # The broker's account admin (Mosquitto's dynamic security: the account made by
+    # deploy/mosquitto/add-account.sh --init), so the fleet makes each device's account at
+    # enrollment and removes it at revocation: mqtt://edgefleet-admin:PASSWORD@HOST:PORT.
+    # The local broker (no broker URL given) always has one.
+    broker_admin_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     ingest_queue_max: int = 10_000

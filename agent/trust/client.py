@@ -47,7 +47,8 @@ from agent.errors import (
 from agent.trust.desired import DirectorKeys
 from agent.trust.download import DownloadLimits, DownloadWatch
 
-__all__ = ["BundleClient", "HashingWriter", "enroll", "fetch_device_broker"]
+__all__ = ["BundleClient", "HashingWriter", "enroll", "fetch_device_broker", "fetch_root",
+           "http_pool", "let_go", "pin_root"]
 
 log = logging.getLogger(__name__)
 
@@ -55,34 +56,58 @@ _CHUNK = 256 * 1024
 ProgressCallback = Callable[[int, int], None]
 
 
-def _http() -> urllib3.PoolManager:
+def http_pool() -> urllib3.PoolManager:
     return urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=10, read=30), retries=False
     )
 
 
-def enroll(fleet_url: str, metadata_dir: Path) -> Root:
-    """Pin the fleet's current root: the only time the device trusts on first use."""
+_MAX_ROOT_BYTES = 512 * 1024
+
+
+def fetch_root(fleet_url: str) -> tuple[bytes, Root]:
+    """The fleet's current root, as served, checked to be self-signed to its own
+    threshold (whether to trust it is the caller's decision); bounded in size."""
     url = f"{fleet_url.rstrip('/')}/repo/metadata/root.json"
     try:
-        response = _http().request("GET", url)
+        response = http_pool().request("GET", url, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
         raise TrustError(f"cannot fetch {url}: {exc}") from exc
-    if response.status != 200:
-        raise TrustError(f"cannot fetch {url}: HTTP {response.status}")
+    complete = False
     try:
-        root_md = Metadata[Root].from_bytes(response.data)
+        if response.status != 200:
+            raise TrustError(f"cannot fetch {url}: HTTP {response.status}")
+        data = response.read(_MAX_ROOT_BYTES + 1)
+        complete = len(data) <= _MAX_ROOT_BYTES
+    finally:
+        let_go(response, complete)
+    if not complete:
+        raise TrustError(f"{url} is larger than {_MAX_ROOT_BYTES} bytes: not a root")
+    try:
+        root_md = Metadata[Root].from_bytes(data)
         root_md.verify_delegate(Root.type, root_md)  # self-signed to its own threshold
     except Exception as exc:
         raise TrustError(f"{url} is not a valid self-signed TUF root: {exc}") from exc
+    return data, root_md.signed
+
+
+def pin_root(data: bytes, metadata_dir: Path) -> None:
+    """Make ``data`` the trusted root every later refresh starts its chain from."""
     metadata_dir.mkdir(parents=True, exist_ok=True)
     tmp = metadata_dir / ".root.json.tmp"
-    tmp.write_bytes(response.data)
+    tmp.write_bytes(data)
     with open(tmp, "rb") as written:
         os.fsync(written.fileno())
     os.replace(tmp, metadata_dir / "root.json")
     fsync_dir(metadata_dir)
-    return root_md.signed
+
+
+def enroll(fleet_url: str, metadata_dir: Path) -> Root:
+    """Pin the fleet's current root on first use, unchecked (``--trust-first-root``; a code
+    checks it instead: :mod:`agent.enroll_cmd`)."""
+    data, root = fetch_root(fleet_url)
+    pin_root(data, metadata_dir)
+    return root
 
 
 _MAX_DEVICE_CONFIG_BYTES = 4096
@@ -104,7 +129,7 @@ def fetch_device_broker(fleet_url: str) -> str | None:
 
     url = f"{fleet_url.rstrip('/')}/api/v1/device-config"
     try:
-        response = _http().request("GET", url, preload_content=False)
+        response = http_pool().request("GET", url, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
         raise ValueError(f"cannot fetch {url}: {exc}") from exc
     complete = False
@@ -116,7 +141,7 @@ def fetch_device_broker(fleet_url: str) -> str | None:
         body = response.read(_MAX_DEVICE_CONFIG_BYTES + 1)
         complete = len(body) <= _MAX_DEVICE_CONFIG_BYTES
     finally:
-        _let_go(response, complete)
+        let_go(response, complete)
     if len(body) > _MAX_DEVICE_CONFIG_BYTES:
         raise ValueError(f"{url}: answer larger than {_MAX_DEVICE_CONFIG_BYTES} bytes")
     try:
@@ -154,7 +179,7 @@ class BundleClient:
         # The daemon refreshes from two threads (desired-state intake, installs): one
         # refresh at a time writes the metadata directory.
         self._metadata_lock = threading.Lock()
-        self._http = _http()
+        self._http = http_pool()
         self._fetcher = _BoundedFetcher(self._http, self.limits)
 
     @property
@@ -299,14 +324,14 @@ class BundleClient:
             complete = True
         finally:
             watch.attach(None)
-            _let_go(response, complete)
+            let_go(response, complete)
         if stream.size < stream.length:
             raise urllib3.exceptions.ProtocolError(
                 f"connection closed at {stream.size}/{stream.length} bytes"
             )
 
 
-def _let_go(response, complete: bool) -> None:
+def let_go(response, complete: bool) -> None:
     """Hand the connection back to the pool only when its response was read to the end.
 
     A response left half-read (an error status whose body nobody wants, a download stopped
@@ -347,7 +372,7 @@ class _BoundedFetcher(FetcherInterface):
             error = tuf_errors.SlowRetrievalError if slow else tuf_errors.DownloadError
             raise error(f"{url}: {exc}") from exc
         if response.status >= 400:
-            _let_go(response, complete=False)
+            let_go(response, complete=False)
             watch.__exit__(None, None, None)
             raise tuf_errors.DownloadHTTPError(f"{url}: HTTP {response.status}",
                                                response.status)
@@ -373,7 +398,7 @@ class _BoundedFetcher(FetcherInterface):
             raise tuf_errors.DownloadError(f"{url}: {exc}") from exc
         finally:
             watch.attach(None)
-            _let_go(response, complete)
+            let_go(response, complete)
             watch.__exit__(None, None, None)
 
 

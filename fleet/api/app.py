@@ -14,11 +14,13 @@ from fleet.api.routes import (
     device_config,
     devices,
     drift,
+    enrollment,
     repo,
     rollouts,
     system,
 )
 from fleet.api.routes.device_config import DeviceBroker
+from fleet.broker.accounts import BrokerAccounts
 from fleet.errors import FleetError
 from fleet.ingest import IngestWorker
 from fleet.publisher import Publisher
@@ -33,6 +35,7 @@ def create_app(
     repository: FleetRepository | None = None,
     device_broker: DeviceBroker | None = None,
     publisher: Publisher | None = None,
+    broker_accounts: BrokerAccounts | None = None,
 ) -> FastAPI:
     # FastAPIOffline: FastAPI with /docs and /redoc whose scripts and styles come from the
     # package, not a CDN: an operator on an offline network still gets the API explorer.
@@ -42,8 +45,10 @@ def create_app(
     app.state.publisher = publisher
     app.state.repository = repository
     app.state.device_broker = device_broker
+    app.state.broker_accounts = broker_accounts
     app.include_router(system.router)
     app.include_router(devices.router, prefix="/api/v1")
+    app.include_router(enrollment.router, prefix="/api/v1")
     app.include_router(bundles.router, prefix="/api/v1")
     app.include_router(device_config.router, prefix="/api/v1")
     app.include_router(audit.router, prefix="/api/v1")

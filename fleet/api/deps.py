@@ -29,6 +29,7 @@ __all__ = [
     "IngestDep",
     "OperatorToken",
     "OptionalIngestDep",
+    "OptionalPublisherDep",
     "OptionalRepositoryDep",
     "PublisherDep",
     "RepositoryDep",
@@ -83,6 +84,13 @@ def get_repository(request: Request) -> FleetRepository:
     return repository
 
 
+def get_optional_publisher(request: Request) -> Publisher | None:
+    """The publisher, or None for a fleet without a broker."""
+    if getattr(request.app.state, "publisher", None) is None and request.app.state.ingest is None:
+        return None
+    return get_publisher(request)
+
+
 def get_optional_ingest(request: Request) -> IngestWorker | None:
     return request.app.state.ingest
 
@@ -93,6 +101,7 @@ def get_optional_repository(request: Request) -> FleetRepository | None:
 
 IngestDep = Annotated[IngestWorker, Depends(get_ingest)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+OptionalPublisherDep = Annotated[Publisher | None, Depends(get_optional_publisher)]
 RepositoryDep = Annotated[FleetRepository, Depends(get_repository)]
 # For the routes that still answer without one (health, metrics, the open repository).
 OptionalIngestDep = Annotated[IngestWorker | None, Depends(get_optional_ingest)]

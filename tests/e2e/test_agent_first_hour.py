@@ -35,29 +35,33 @@ def _run_agent(tmp_path: Path, device_id: str, state_dir: Path, *extra: str):
     return spawn(command, tmp_path / f"{device_id}.log", {"EDGE_AGENT_BROKER": ""})
 
 
-def test_enrollment_names_the_fleets_broker_so_run_needs_no_broker(tmp_path):
+def test_enrollment_gives_the_broker_and_an_account_so_run_needs_only_its_state_dir(tmp_path):
     fleet = start_fleet(tmp_path, None, f"sqlite:///{tmp_path / 'fleet.db'}")  # local broker
     agent = stray = None
     try:
         port = int((fleet.data_dir / "broker-port").read_text())
         state_dir = tmp_path / "cam-01"
-        enrolled = _agent("enroll", "--fleet", fleet.url, "--state-dir", str(state_dir))
+        enrolled = _agent("enroll", "--fleet", fleet.url, "--code", fleet.add_device("cam-01"),
+                          "--state-dir", str(state_dir))
         assert enrolled.returncode == 0, enrolled.stderr
-        assert f"broker: mqtt://127.0.0.1:{port} (edge-agent run uses it" in enrolled.stdout
+        assert (f"enrolled cam-01 with {fleet.url}: root keys checked against the code; "
+                f"broker mqtt://127.0.0.1:{port} as cam-01") in enrolled.stdout
 
-        agent = _run_agent(tmp_path, "cam-01", state_dir)
+        agent = spawn([*console_script("edge-agent"), "run", "--state-dir", str(state_dir),
+                       "--interval", "1", "--listen", f"127.0.0.1:{free_port()}"],
+                      tmp_path / "cam-01.log", {"EDGE_AGENT_BROKER": ""})
         wait_until(lambda: (fleet.device("cam-01") or {}).get("online"), timeout=30,
-                   what="cam-01 online through the broker it learnt")
-        assert (f"broker mqtt://127.0.0.1:{port} (named by {fleet.url} at enrollment)"
-                in agent.log())
+                   what="cam-01 online through the broker it was given")
+        assert (f"device cam-01, broker mqtt://cam-01@127.0.0.1:{port} (given by {fleet.url} "
+                "at enrollment as cam-01)") in agent.log()
         assert "NOT ENROLLED" not in agent.log()
 
         # An explicit --broker wins, and a broker that is not there is named, with why
         # and when the agent tries again, within seconds rather than never.
         closed = free_port()
         stray_dir = tmp_path / "cam-02"
-        assert _agent("enroll", "--fleet", fleet.url, "--state-dir", str(stray_dir)
-                      ).returncode == 0
+        assert _agent("enroll", "--fleet", fleet.url, "--code", fleet.add_device("cam-02"),
+                      "--state-dir", str(stray_dir)).returncode == 0
         stray = _run_agent(tmp_path, "cam-02", stray_dir, "--broker",
                            f"mqtt://127.0.0.1:{closed}")
         line = wait_until(

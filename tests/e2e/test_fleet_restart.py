@@ -35,7 +35,8 @@ def test_agents_find_a_restarted_fleet_by_themselves(tmp_path, agents, database_
     fleet = start_fleet(tmp_path, None, database_url)  # its own local broker
     try:
         port = int((fleet.data_dir / "broker-port").read_text())
-        agents.start("cam-1", f"mqtt://127.0.0.1:{port}", interval=0.5)
+        agents.enroll_with_code("cam-1", fleet)
+        agents.start("cam-1", None, interval=0.5)
         device = wait_until(lambda: (d := fleet.device("cam-1")) and d["online"]
                             and d["heartbeat"] and d, timeout=20, what="cam-1 online")
         first_seen = device["heartbeat"]["uptime_s"]

@@ -50,7 +50,7 @@ def test_the_quickstarts_agent_accepts_a_deployment_end_to_end(tmp_path, make_bu
     try:
         wait_until(lambda: (fleet.device("local-agent") or {}).get("online"), timeout=60,
                    what="the quickstart's agent online")
-        assert "enrolled with" in agent_log.read_text()
+        assert "enrolled local-agent with" in agent_log.read_text()
         bundle = make_bundle(version=1)
         published = fleet.cli("bundle", "publish", str(bundle.path))
         assert published.returncode == 0, published.stderr
@@ -74,7 +74,7 @@ def test_the_quickstarts_agent_accepts_a_deployment_end_to_end(tmp_path, make_bu
 
         log = agent_log.read_text()
         assert "NOT ENROLLED" not in log and "Traceback" not in log
-        assert "(named by " in log  # it found the broker through its enrollment
+        assert "(given by " in log  # it found the broker through its enrollment
     finally:
         fleet.terminate(timeout=30)
     assert "Traceback" not in fleet.log()
