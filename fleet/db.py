@@ -1,21 +1,22 @@
 """Database engine and sessions: SQLite by default, PostgreSQL in production.
 
 SQLite is opened in WAL mode with a busy timeout so the ingest thread and API requests can
-write concurrently without "database is locked" errors.
+write concurrently without "database is locked" errors. The schema is Alembic's
+(``fleet.migrations``): ``init_db`` migrates to the newest revision.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.schema import CreateColumn
-from sqlmodel import Session, SQLModel, create_engine
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, create_engine
 
 from fleet import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from fleet.migrations import SchemaError, upgrade
 
-__all__ = ["dialect_insert", "init_db", "is_postgresql", "make_engine"]
+__all__ = ["SchemaError", "dialect_insert", "init_db", "is_postgresql", "make_engine"]
 
 
 def make_engine(url: str) -> Engine:
@@ -48,39 +49,9 @@ def dialect_insert(session: Session):
     return sqlite_insert
 
 
-# Any fixed number: every edge-fleet process that creates tables takes this lock first.
-_SCHEMA_LOCK_ID = 0x6564676566  # "edgef"
-
-
 def init_db(engine: Engine) -> None:
-    """Create missing tables. On PostgreSQL, workers starting together on a fresh database
-    would race (two ``CREATE TYPE``, one fails with a unique violation), so creation runs
-    under a transaction-scoped advisory lock: the first creates, the others then find
-    everything in place."""
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
-        SQLModel.metadata.create_all(connection)
-        _add_missing_columns(connection)
-
-
-def _add_missing_columns(connection: Connection) -> None:
-    """Columns added to a table since the database was created: ``create_all`` makes
-    missing tables only. Until schema migrations exist, a column that can be added to a
-    table with rows (nullable, or with a server default) is added here; any other is a
-    clear error naming it, never a failed insert at the first heartbeat."""
-    existing_tables = set(inspect(connection).get_table_names())
-    for table in SQLModel.metadata.sorted_tables:
-        if table.name not in existing_tables:
-            continue
-        present = {column["name"] for column in inspect(connection).get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            if not (column.nullable or column.server_default is not None):
-                raise RuntimeError(
-                    f"table {table.name!r} lacks column {column.name!r}, which cannot be "
-                    "added to existing rows; recreate the database"
-                )
-            ddl = CreateColumn(column).compile(dialect=connection.dialect)
-            connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+    """Bring the database's schema to the newest migration (``fleet.migrations``): under
+    a lock, so fleet workers starting together on one PostgreSQL database migrate it once;
+    a database made before migrations is taken over, one migrated by a newer edge-fleet
+    is refused (``SchemaError``)."""
+    upgrade(engine)
