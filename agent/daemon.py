@@ -80,6 +80,7 @@ from agent.outbox import Outbox, OutboxDrainer, Pending
 from agent.process_stats import ProcessSampler, release_free_memory
 from agent.reconciler import Reconciler
 from agent.runtime import EngineOptions
+from agent.sd_notify import Notifier
 from agent.serving import ModelHost
 from agent.slots import SlotsBusyError
 from agent.state import AgentState, is_enrolled
@@ -500,13 +501,32 @@ class AgentDaemon:
         self._stop.set()
 
     def run(self) -> None:
-        """Block until :meth:`stop`; survives any number of broker outages."""
+        """Block until :meth:`stop`; survives any number of broker outages.
+
+        Under systemd (``Type=notify``) the loop says when it is ready and pings the
+        watchdog after each turn (:mod:`agent.sd_notify`): a hung loop gets restarted."""
+        notifier = Notifier()
         self.start()
+        notifier.ready(self._service_status())
+        pulse = notifier.pulse_s(self.config.interval_s)
+        next_tick = time.monotonic() + self.config.interval_s
         try:
-            while not self._stop.wait(self.config.interval_s):
-                self.tick()
+            while not self._stop.wait(pulse):
+                if time.monotonic() + 0.001 >= next_tick:
+                    self.tick()
+                    next_tick = time.monotonic() + self.config.interval_s
+                notifier.alive(self._service_status())
+            notifier.stopping()
         finally:
             self.shutdown()
+
+    def _service_status(self) -> str:
+        """One line for ``systemctl status``."""
+        link = "connected to" if self.link.connected else "NOT connected to"
+        current = self.host.current
+        model = (f"serving {current.manifest.name} v{current.manifest.version}" if current
+                 else "no model installed")
+        return f"{link} {self.config.broker}; {model}"
 
     def start(self) -> None:
         """Connect, load the active model and start the device's threads; returns at once.
