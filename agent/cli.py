@@ -94,8 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--device-id",
-        default=os.environ.get("EDGE_AGENT_DEVICE_ID") or _default_device_id(),
-        help="this device's id (default: the host name; env EDGE_AGENT_DEVICE_ID)",
+        default=os.environ.get("EDGE_AGENT_DEVICE_ID"),
+        help="this device's id (default: the id it enrolled as, else the host name; env "
+        "EDGE_AGENT_DEVICE_ID)",
     )
     run.add_argument("--state-dir", type=Path, default=state_dir_default, help=state_dir_help)
     run.add_argument("--interval", type=float, default=10.0,
@@ -148,9 +149,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     enroll = _command(
         commands, "enroll", common,
-        "pin the fleet's root of trust and learn its broker (once per device)", """\
-  edge-agent enroll --fleet http://fleet.lan:8000 --state-dir /var/lib/edgefleet-agent""")
+        "join a fleet with a one-time code: pin its root, make this device's key pair, "
+        "get its broker account (once per device)", """\
+  edge-agent enroll --fleet http://fleet.lan:8000 --code EF1-… --state-dir /var/lib/edgefleet""")
     enroll.add_argument("--fleet", required=True, help="fleet URL, e.g. http://fleet:8000")
+    enroll.add_argument("--code", help="the one-time code `edge-fleet devices add DEVICE` "
+                        "printed (it also names the fleet's root keys)")
+    enroll.add_argument("--trust-first-root", action="store_true",
+                        help="no code: pin whatever root the URL serves, unchecked (a lab "
+                        "only; no device key or broker account is made)")
     enroll.add_argument("--state-dir", type=Path, default=state_dir_default,
                         help=state_dir_help)
     enroll.add_argument("--force", action="store_true",
@@ -267,6 +274,20 @@ def _run(args: argparse.Namespace) -> int:
     from agent.slots import SlotsBusyError
     from agent.trust.download import DownloadLimits
 
+    identity = _identity(args.state_dir)
+    if identity is False:
+        return 2
+    if identity is not None:
+        if args.device_id not in (None, identity.device_id):
+            print(f"error: --device-id {args.device_id!r}: this state directory enrolled as "
+                  f"{identity.device_id!r} (its broker account is that device's; enroll "
+                  "again with --force to be another)", file=sys.stderr)
+            return 2
+        args.device_id = identity.device_id
+        if args.fleet is None:
+            args.fleet = identity.fleet_url
+    elif args.device_id is None:
+        args.device_id = _default_device_id()
     if not is_valid_device_id(args.device_id):
         print(
             f"error: --device-id {args.device_id!r}: use 1-64 letters, digits, '_', '.', '-'",
@@ -351,6 +372,10 @@ def _broker(args: argparse.Namespace) -> tuple[str, str]:
         return args.broker, "--broker"
     if os.environ.get("EDGE_AGENT_BROKER"):
         return os.environ["EDGE_AGENT_BROKER"], "EDGE_AGENT_BROKER"
+    identity = _identity(args.state_dir)
+    if identity and identity.broker_url():
+        account = f" as {identity.username}" if identity.username else ""
+        return identity.broker_url(), f"given by {identity.fleet_url} at enrollment{account}"
     stored = peek(args.state_dir)
     if stored.get("broker_url"):
         return stored["broker_url"], f"named by {stored.get('fleet_url')} at enrollment"
@@ -358,46 +383,21 @@ def _broker(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from agent.errors import TrustError
-    from agent.state import AgentState
-    from agent.trust.client import enroll, fetch_device_broker
+    from agent.enroll_cmd import main
 
-    fleet = args.fleet.rstrip("/")
-    if not fleet.startswith(("http://", "https://")):
-        print(f"error: --fleet {args.fleet!r}: expected http://HOST:PORT or https://…",
-              file=sys.stderr)
-        return 2
-    state = AgentState(args.state_dir)
+    return main(args)
+
+
+def _identity(state_dir: Path):
+    """The enrolled identity, None if there is none, False (after saying why) if it is
+    unreadable."""
+    from agent.identity import Identity
+
     try:
-        if state.fleet_url and not args.force:
-            print(f"error: already enrolled with {state.fleet_url} (use --force to replace)",
-                  file=sys.stderr)
-            return 2
-        root = enroll(fleet, args.state_dir / "tuf")
-        state.put("fleet_url", fleet)
-        try:
-            broker = fetch_device_broker(fleet)
-            problem = None
-        except ValueError as exc:
-            broker, problem = None, str(exc)
-        if broker is not None:
-            state.put("broker_url", broker)
-        else:
-            state.delete("broker_url")
-    except TrustError as exc:
+        return Identity.load(state_dir)
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        state.close()
-    keyids = ", ".join(k[:12] for k in root.roles["root"].keyids)
-    print(f"enrolled with {fleet}: root v{root.version}, root keys {keyids}, "
-          f"threshold {root.roles['root'].threshold}")
-    if broker is not None:
-        print(f"broker: {broker} (edge-agent run uses it unless given --broker)")
-    else:
-        print(f"warning: the fleet did not name its broker ({problem or 'it does not say'}): "
-              "give edge-agent run --broker mqtt://HOST:PORT", file=sys.stderr)
-    return 0
+        return False
 
 
 def _existing_state_dir(state_dir: Path) -> bool:
