@@ -79,6 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
                         help=log_help)
+    _add_config_option(parser, common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     state_dir_default = Path(os.environ.get("EDGE_AGENT_STATE_DIR") or _default_state_dir())
     state_dir_help = (f"the agent's state directory (default {state_dir_default}; "
@@ -162,6 +163,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help=state_dir_help)
     enroll.add_argument("--force", action="store_true",
                         help="replace an existing enrollment (trusts the fleet's root anew)")
+
+    _add_doctor_command(commands, common, state_dir_default, state_dir_help)
 
     status = _command(
         commands, "status", common,
@@ -505,14 +508,78 @@ def _infer(args: argparse.Namespace) -> int:
     return infer_main(args.model, args.input_path, engine)
 
 
+def _add_config_option(parser: argparse.ArgumentParser,
+                       common: argparse.ArgumentParser) -> None:
+    from agent.config_file import CONFIG_ENV, DEFAULT_CONFIG
+
+    config_help = (f"the agent's config file: run's options in an [agent] table (default: "
+                   f"env {CONFIG_ENV}, else {DEFAULT_CONFIG} if it exists; 'none': no file); "
+                   "the command line and the environment win over it")
+    parser.add_argument("--config", type=Path, help=config_help)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+
+
+def _with_config(
+    parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace
+) -> argparse.Namespace | None:
+    """``args`` parsed again over the config file's values (agent.config_file), or None
+    after saying why the file cannot be used. ``doctor`` goes on to report it."""
+    from agent.config_file import ConfigError, load
+
+    try:
+        loaded = load(parser, args.config, os.environ)
+    except ConfigError as exc:
+        if args.command != "doctor":
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+        args.config_file, args.config_values, args.config_error = args.config, {}, str(exc)
+        args.run_options = parser.parse_args(["run"])
+        return args
+    if loaded.warning:
+        print(f"warning: {loaded.warning}", file=sys.stderr)
+    if loaded.values:
+        loaded.apply(parser, os.environ)
+        args = parser.parse_args(argv)
+        loaded.fill_lists(args, os.environ)
+    args.config_file, args.config_values, args.config_error = loaded.path, loaded.values, None
+    if args.command == "doctor":  # what the daemon would run with, for its checks
+        args.run_options = parser.parse_args(["run"])
+        loaded.fill_lists(args.run_options, os.environ)
+    return args
+
+
+def _add_doctor_command(commands, common: argparse.ArgumentParser, state_dir_default: Path,
+                        state_dir_help: str) -> None:
+    doctor = _command(
+        commands, "doctor", common,
+        "check this device's install: config, state dir, enrollment, trust, broker, slots, "
+        "runtime, endpoint (exit 0: all pass)", """\
+  edge-agent doctor
+  edge-agent --config /etc/edgefleet/agent.toml doctor --state-dir /var/lib/edgefleet --json""")
+    doctor.add_argument("--state-dir", type=Path, default=state_dir_default, help=state_dir_help)
+    doctor.add_argument("--json", action="store_true", help="print one JSON object instead")
+    doctor.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds each network check may take (default 10)")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from agent.doctor import DoctorInput, diagnose, render
+
+    report = diagnose(DoctorInput.from_args(args, os.environ))
+    print(report.to_json() if args.json else render(report))
+    return 0 if report.ok else 1
+
+
 _COMMANDS = {"run": _run, "enroll": _enroll, "status": _status, "rollback": _rollback,
-             "infer": _infer, "simulate": _simulate}
+             "infer": _infer, "simulate": _simulate, "doctor": _doctor}
 SIGPIPE_EXIT = 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = _with_config(parser, argv, parser.parse_args(argv))
+    if args is None:
+        return 2
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -33,7 +33,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-__all__ = ["BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink", "Will"]
+__all__ = ["BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink", "Will",
+           "try_connect"]
 
 log = logging.getLogger(__name__)
 
@@ -441,3 +442,37 @@ class MqttLink:
             self._on_message_cb(Inbound(message.topic, message.payload, message.retain, ack))
         except Exception:
             log.exception("handler failed for a message on %s", message.topic)
+
+
+def try_connect(broker: BrokerAddress, client_id: str, timeout: float) -> str:
+    """Connect once, disconnect at once; the broker's CONNACK reason ("Success", "Bad user
+    name or password", "Not authorized", ...). LinkError when no CONNACK comes (nothing
+    listens, no answer within ``timeout``). For ``edge-agent doctor``: with a device's own
+    client id this takes over the device's session, so never while its agent runs."""
+    answer: list[ReasonCode] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.connect_timeout = timeout
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls:
+        client.tls_set()
+    client.on_connect = lambda c, u, f, reason_code, p: answer.append(reason_code)
+    deadline = time.monotonic() + timeout
+    try:
+        client.connect(broker.host, broker.port, keepalive=max(5, int(timeout)))
+        while not answer and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS and not answer:
+                raise LinkError(f"{broker} closed the connection before answering")
+    except (OSError, ValueError) as exc:
+        raise LinkError(f"cannot reach {broker}: {_describe(exc)}") from exc
+    finally:
+        if answer and not answer[0].is_failure:
+            client.disconnect()
+            client.loop(timeout=0.1)  # sends the DISCONNECT: no "connection lost" logged
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+    if not answer:
+        raise LinkError(f"{broker} sent no CONNACK within {timeout:.0f} s")
+    return str(answer[0])
+
