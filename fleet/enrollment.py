@@ -199,6 +199,7 @@ def revoke(session: Session, accounts: BrokerAccounts | None, device_id: str, *,
            actor: str) -> Revoked:
     """Remove ``device_id``'s broker account (ending its connection) and its unused codes,
     and mark its identity revoked. The device row stays (its history is evidence)."""
+    check_device_id(device_id)
     identity = session.get(DeviceIdentity, device_id)
     if identity is None and session.get(Device, device_id) is None:
         raise NotFoundError(f"no device {device_id!r}")

@@ -153,10 +153,16 @@ class LocalBroker:
         return self.work_dir / "dynamic-security.json"
 
     def admin_address(self) -> BrokerAddress:
-        """The dynamic-security admin account, over loopback (an ``accounts`` broker)."""
-        if not self.accounts:
-            raise RuntimeError("only a broker started with accounts=True has an admin here")
-        password = self.admin_password_path.read_text().strip()
+        """The dynamic-security admin account, over loopback: the one this class made
+        (``accounts``), or the one ``add-account.sh --init`` made (``deploy_dir``)."""
+        if self.deploy_dir is not None:
+            # add-account.sh keeps it as mosquitto_rr options: -u NAME / -P PASSWORD / -i ID
+            options = (self.work_dir / "edgefleet-admin" / "mosquitto_rr").read_text().split()
+            password = options[options.index("-P") + 1]
+        elif self.accounts:
+            password = self.admin_password_path.read_text().strip()
+        else:
+            raise RuntimeError("an open broker has no accounts to manage")
         return BrokerAddress(self.reach_host, self.port, username=ADMIN_ACCOUNT,
                              password=password)
 

@@ -601,7 +601,8 @@ class EnrollmentCodePublic(BaseModel):
 
 class DeviceCreate(BaseModel):
     id: str = PydanticField(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    tags: dict[str, str] = PydanticField(default_factory=dict)
+    tags: dict[LabelKeyField, LabelValueField] = PydanticField(default_factory=dict,
+                                                               max_length=32)
     expires_in_s: float = PydanticField(default=86_400, gt=0, le=30 * 86_400,
                                         description="how long the code stays valid")
 

@@ -36,7 +36,8 @@ def test_request_without_a_valid_token_gets_401(fleet_server):
 
 
 # Open by design: the broker address devices are told at enrollment (never credentials).
-OPEN_API_ROUTES = {("get", "/api/v1/device-config")}
+# And enrollment, whose credential is the one-time code in its body.
+OPEN_API_ROUTES = {("get", "/api/v1/device-config"), ("post", "/api/v1/enroll")}
 
 
 def test_every_api_route_needs_a_token(fleet_server):
