@@ -554,8 +554,9 @@ def _add_doctor_command(commands, common: argparse.ArgumentParser, state_dir_def
         commands, "doctor", common,
         "check this device's install: config, state dir, enrollment, trust, broker, slots, "
         "runtime, endpoint (exit 0: all pass)", """\
-  edge-agent doctor
-  edge-agent --config /etc/edgefleet/agent.toml doctor --state-dir /var/lib/edgefleet --json""")
+  edge-agent doctor                           # the state dir /etc/edgefleet/agent.toml names
+  edge-agent doctor --state-dir /var/lib/edgefleet --json
+  edge-agent --config /etc/edgefleet/agent.toml doctor""")
     doctor.add_argument("--state-dir", type=Path, default=state_dir_default, help=state_dir_help)
     doctor.add_argument("--json", action="store_true", help="print one JSON object instead")
     doctor.add_argument("--timeout", type=float, default=10.0,

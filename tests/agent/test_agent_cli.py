@@ -59,7 +59,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def test_every_option_has_help_and_every_command_an_example():
     parser = _build_parser()
     commands = _subcommands(parser)
-    assert set(commands) == {"run", "enroll", "status", "rollback", "infer", "simulate"}
+    assert set(commands) == {"run", "enroll", "status", "rollback", "infer", "simulate",
+                             "doctor"}
     for name, command in {"edge-agent": parser, **commands}.items():
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
