@@ -104,6 +104,16 @@ AGENT="$VENV/bin/edge-agent"
 SYSTEMD=0; [ -z "$ROOT" ] && [ -d /run/systemd/system ] && SYSTEMD=1
 CHANGED=0  # anything the running service must be restarted for
 
+# Run a command as the agent's user (as the caller with --root, or when not root).
+as_agent() {
+  if [ -n "$ROOT" ] || [ "$AS_ROOT" = 0 ]; then "$@"
+  elif command -v runuser >/dev/null; then runuser -u "$AGENT_USER" -- "$@"
+  elif command -v setpriv >/dev/null; then
+    setpriv --reuid="$AGENT_USER" --regid="$AGENT_USER" --init-groups -- "$@"
+  else sudo -u "$AGENT_USER" -- "$@"
+  fi
+}
+
 # ---------------------------------------------------------------- user
 STEP=user
 if [ -n "$ROOT" ]; then
@@ -138,6 +148,10 @@ else
   "$PYTHON" -m venv "${venv_args[@]}" "$VENV" \
     || die "cannot make a venv with $PYTHON (Debian: apt-get install python3-venv)"
   say venv "$VENV created ($("$VENV/bin/python" -V))"
+fi
+
+if [ "$CHOWN" = 1 ] && ! (cd / && as_agent "$VENV/bin/python" -c '' 2>/dev/null); then
+  die "$AGENT_USER cannot run $VENV/bin/python ($(readlink -f "$VENV/bin/python")): is that Python under a private directory such as /root? Remove $VENV and give --python /usr/bin/python3"
 fi
 
 STEP=package
@@ -271,14 +285,6 @@ fi
 
 # ---------------------------------------------------------------- enrollment
 STEP=enroll
-as_agent() {
-  if [ -n "$ROOT" ] || [ "$AS_ROOT" = 0 ]; then "$@"
-  elif command -v runuser >/dev/null; then runuser -u "$AGENT_USER" -- "$@"
-  elif command -v setpriv >/dev/null; then
-    setpriv --reuid="$AGENT_USER" --regid="$AGENT_USER" --init-groups -- "$@"
-  else sudo -u "$AGENT_USER" -- "$@"
-  fi
-}
 if [ -f "$STATE/identity.json" ]; then
   device="$("$VENV/bin/python" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["device_id"], "of", d["fleet_url"])' "$STATE/identity.json" 2>/dev/null || echo "a fleet's device")"
   say enroll "already enrolled as $device: skipped"
