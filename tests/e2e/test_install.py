@@ -199,3 +199,85 @@ def test_enrolled_with_a_code_the_agent_runs_as_its_unit_says_and_the_doctor_pas
             agent.terminate()
         notify.close()
         fleet.terminate()
+
+
+# The real install (no --root): user made, files chowned, enrollment and the agent run as
+# that user. /etc, /var and /opt are overlays in a private mount namespace, so the machine
+# running the tests keeps its own; the fleet and the network are shared with it.
+_NAMESPACE_SCRIPT = r"""
+set -euo pipefail
+layers="$1"; shift
+for dir in etc var opt; do
+  mkdir -p "/$dir" "$layers/$dir-up" "$layers/$dir-work"
+  mount -t overlay overlay \
+    -o "lowerdir=/$dir,upperdir=$layers/$dir-up,workdir=$layers/$dir-work" "/$dir"
+done
+cd /
+getent passwd edgefleet >/dev/null && { echo "edgefleet exists before the install" >&2; exit 3; }
+bash "$@"
+echo "--- second run"
+bash "$@"
+stat -c '%U:%G %a %n' /var/lib/edgefleet /var/lib/edgefleet/identity.json /etc/edgefleet/agent.toml
+exec_start="$(sed -n 's/^ExecStart=//p' /etc/systemd/system/edge-agent.service)"
+# setpriv execs the agent itself (runuser would stay its parent): $! is the agent.
+setpriv --reuid=edgefleet --regid=edgefleet --init-groups -- $exec_start \
+  >"$layers/agent.log" 2>&1 &
+agent=$!
+for _ in $(seq 120); do  # until the running agent says it is connected (at most 60 s)
+  if runuser -u edgefleet -- /opt/edgefleet/venv/bin/edge-agent status --json 2>/dev/null \
+      | grep -q '"connected": true'; then break; fi
+  sleep 0.5
+done
+echo "--- doctor"
+runuser -u edgefleet -- /opt/edgefleet/venv/bin/edge-agent doctor || true
+kill -TERM "$agent"
+code=0; wait "$agent" || code=$?
+echo "agent exit $code"
+"""
+
+
+def test_the_real_install_makes_the_user_and_runs_the_agent_as_it(installed, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the real install needs root (it makes a user; run in a namespace)")
+    if getent_edgefleet():
+        pytest.skip("this machine has an edgefleet user already (a real install)")
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3 for the agent's venv")
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t",
+                            "tmpfs", "none", "/mnt"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    fleet = start_fleet(tmp_path, None, f"sqlite:///{tmp_path / 'fleet.db'}")
+    try:
+        code = fleet.add_device("cam-real")
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "bash", "-c", _NAMESPACE_SCRIPT,
+             "namespace", str(tmp_path / "layers"), str(SCRIPT), "--python",
+             "/usr/bin/python3", "--source", str(installed.wheel), "--fleet", fleet.url,
+             "--code", code],
+            capture_output=True, text=True, timeout=900, env=_clean_env())
+        out = done.stdout
+        agent_log = tmp_path / "layers" / "agent.log"
+        assert done.returncode == 0, out + done.stderr
+        first, second = out.split("--- second run")
+        assert "user     edgefleet created (system user, no login shell, no home)" in first
+        assert "/var/lib/edgefleet now owned by edgefleet" in first
+        assert "enroll   enrolled cam-real with" in first
+        assert "already enrolled as cam-real" in second and "created" not in second
+        assert "edgefleet:edgefleet 700 /var/lib/edgefleet\n" in out
+        assert "edgefleet:edgefleet 600 /var/lib/edgefleet/identity.json" in out
+        assert "root:edgefleet 640 /etc/edgefleet/agent.toml" in out
+        doctor = out.split("--- doctor")[1]
+        assert "10 checks: all passed" in doctor, doctor + agent_log.read_text()
+        assert "ok    broker:      the running agent (pid" in doctor
+        assert "owner edgefleet" in doctor
+        assert "agent exit 0" in out, agent_log.read_text()
+        device = fleet.device("cam-real")
+        assert device is not None and device["last_seen"], device
+    finally:
+        fleet.terminate()
+    assert getent_edgefleet() is False  # the machine's own /etc was never touched
+
+
+def getent_edgefleet() -> bool:
+    return subprocess.run(["getent", "passwd", "edgefleet"], capture_output=True).returncode == 0
