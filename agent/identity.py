@@ -15,7 +15,6 @@ mode (a SQLite file and its WAL/shm companions take whatever the umask gives), a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -23,30 +22,13 @@ from urllib.parse import quote
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.bundle import fsync_dir
+from agent.private_file import write_private
 
-__all__ = ["IDENTITY_FILE", "KEY_FILE", "Identity", "device_key", "public_key_pem",
-           "write_private"]
+__all__ = ["IDENTITY_FILE", "KEY_FILE", "Identity", "device_key", "public_key_pem"]
 
 IDENTITY_FILE = "identity.json"
 KEY_FILE = "device-key.pem"
 _MAX_IDENTITY_BYTES = 16 * 1024
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` so that no moment exists where another user could read it: a 0600
-    temporary file in the same directory, fsynced, renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def device_key(state_dir: Path, *, new: bool = False) -> Ed25519PrivateKey:

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from agent.identity import write_private
 from agent.mqtt import BrokerAddress
+from agent.private_file import write_private
 from fleet.broker.accounts import new_password
 from fleet.broker.dynsec import ADMIN_ACCOUNT, initial_store
 

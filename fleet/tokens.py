@@ -9,15 +9,14 @@ token are audited (``token.create``, ``token.revoke``) in the same transaction.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from agent.contract import utcnow
+from agent.private_file import write_private
 from fleet import audit
 from fleet.errors import NotFoundError
 from fleet.models import ApiToken, Role
@@ -92,19 +91,6 @@ def revoke_token(session: Session, token_id: int, *, actor: str) -> ApiToken:
     return row
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a secret so that it is never readable by others, not even for a moment:
-    a fresh 0600 temp file (mkstemp: O_EXCL, no symlink games), fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 class AdminTokenConflict(RuntimeError):
     """The data directory's admin token file belongs to another database."""
 
@@ -129,7 +115,7 @@ def ensure_admin_token(engine: Engine, token_file: Path) -> bool:
         token = new_token()
         # The file first: if it cannot be written, no token exists that nobody holds, and
         # the next start tries again.
-        _write_private(token_file, token + "\n")
+        write_private(token_file, (token + "\n").encode())
         store_token(session, token, role=Role.ADMIN, name="initial admin",
                     actor="system:serve")
     return True

@@ -7,3 +7,10 @@ pytest_plugins = [
     "tests.fixtures.bundles",
     "tests.fixtures.trust",
 ]
+
+# Agents the tests start read only the options the tests give them, never the config file
+# of an agent installed on this machine (/etc/edgefleet/agent.toml). Tests of the config
+# file set EDGE_AGENT_CONFIG themselves.
+import os  # noqa: E402
+
+os.environ.setdefault("EDGE_AGENT_CONFIG", "none")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_WITH_FLEET = ("agent", "agent.contract", "agent.mqtt", "agent.runtime",
-                     "agent.drift.summaries")
+                     "agent.drift.summaries", "agent.enrollment", "agent.private_file")
 
 
 def _imports(package: str) -> dict[str, set[str]]:
