@@ -39,6 +39,9 @@ from tests.fixtures.rollouts import (
 from tests.fixtures.simulator import publish_versions, start_simulator, write_faults
 from tests.fixtures.waiting import wait_until
 
+# The latency gate's ratio is what this test reads: it runs alone (scripts/test.sh).
+pytestmark = pytest.mark.solo
+
 COUNT = 200
 IDS = [f"sim-{index:04d}" for index in range(1, COUNT + 1)]
 # Large beside what a saturated 2-core machine adds to a timed call of one of 200 devices'
