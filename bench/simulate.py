@@ -46,9 +46,13 @@ def rss_mb(pid: int) -> float:
 
 
 def simulate(fleet, work: Path, count: int, prefix: str, args) -> object:
+    """The simulator, each device with its own account on the fleet's broker."""
+    brokers = work / f"brokers-{prefix}json"
+    brokers.write_text(json.dumps(fleet.broker_urls(ids_for(prefix, count))))
     return spawn([
         *console_script("edge-agent"), "--log-level", "WARNING", "simulate",
         "--devices", str(count), "--prefix", prefix, "--fleet", fleet.url,
+        "--brokers-file", str(brokers),
         "--state-root", str(work / "sim"), "--interval", str(args.interval),
         "--inferences", str(args.inferences), "--threads", "1",
     ], work / f"simulate-{prefix}log", {})

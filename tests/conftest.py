@@ -14,3 +14,6 @@ pytest_plugins = [
 import os  # noqa: E402
 
 os.environ.setdefault("EDGE_AGENT_CONFIG", "none")
+# The CLIs' rich tables and lines are as wide as this, whatever the terminal (or none) the
+# test runner has: tests read whole cells and paths.
+os.environ["COLUMNS"] = "200"

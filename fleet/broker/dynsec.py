@@ -137,6 +137,26 @@ class DynsecAccounts:
         self._ensure_client(device_id, device_client_id(device_id), role, password)
         return password
 
+    def add_devices(self, device_ids: list[str]) -> dict[str, str]:
+        """Many new accounts in one exchange (a simulated fleet); an id that already has
+        an account is re-keyed on its own. Returns each id's password."""
+        passwords = {device_id: new_password() for device_id in device_ids}
+        commands = []
+        for device_id, password in passwords.items():
+            role = f"{DEVICE_ROLE_PREFIX}{device_id}"
+            commands += [
+                {"command": "createRole", "rolename": role, "acls": device_role_acls(device_id)},
+                {"command": "createClient", "username": device_id, "password": password,
+                 "clientid": device_client_id(device_id), "roles": [{"rolename": role}]},
+            ]
+        answers = self.run(commands)
+        for device_id, created in zip(passwords, answers[1::2], strict=True):
+            if created.get("error") == "Client already exists":
+                passwords[device_id] = self.add_device(device_id)
+            else:
+                self._check([created])
+        return passwords
+
     def remove_device(self, device_id: str) -> bool:
         answers = self.run([{"command": "deleteClient", "username": device_id}])
         found = self._check(answers, tolerate=("Client not found",))[0] is None

@@ -52,10 +52,10 @@ def test_deploy_update_rollback_and_refusals(
     assert "edge-7: detector v1 (generation 1)" in deployed.stdout
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 1},
                timeout=20, what="v1 active")
-    steps = [e["event"] for e in fleet_server.events("edge-7")]
-    assert steps == [
+    # Events and the reported state travel on separate channels: the event may land later.
+    wait_until(lambda: [e["event"] for e in fleet_server.events("edge-7")] == [
         "started", "desired_received", "downloading", "verified", "installed", "healthy"
-    ]
+    ], timeout=20, what="the install's events, in order")
 
     assert _deploy(fleet_server, 2, "edge-7").returncode == 0
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 2},
@@ -88,8 +88,9 @@ def test_deploy_update_rollback_and_refusals(
     assert _deploy(fleet_server, 1, "edge-7").returncode == 0
     wait_until(lambda: _active(fleet_server, "edge-7") == {"name": "detector", "version": 1},
                timeout=20, what="back on v1")
-    tail = [e["event"] for e in fleet_server.events("edge-7")][-4:]
-    assert tail == ["desired_received", "healthy", "desired_received", "healthy"]
+    wait_until(lambda: [e["event"] for e in fleet_server.events("edge-7")][-4:] == [
+        "desired_received", "healthy", "desired_received", "healthy"],
+        timeout=20, what="both installs' events")
 
     # A validly signed but older desired state (generation 3 -> v2) replayed by whoever can
     # publish on the broker is refused.
