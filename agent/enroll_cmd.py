@@ -41,7 +41,7 @@ class EnrollError(RuntimeError):
 
 
 def _post_enroll(fleet_url: str, request: EnrollRequest) -> EnrollResponse:
-    from agent.trust.client import http_pool, let_go
+    from agent.trust.client import http_pool, read_capped
 
     url = f"{fleet_url}/api/v1/enroll"
     try:
@@ -50,13 +50,8 @@ def _post_enroll(fleet_url: str, request: EnrollRequest) -> EnrollResponse:
             headers={"Content-Type": "application/json"}, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
         raise EnrollError(f"cannot reach {url}: {exc}") from exc
-    complete = False
-    try:
-        body = response.read(_MAX_ANSWER_BYTES + 1)
-        complete = len(body) <= _MAX_ANSWER_BYTES
-    finally:
-        let_go(response, complete)
-    if not complete:
+    body = read_capped(response, _MAX_ANSWER_BYTES)
+    if body is None:
         raise EnrollError(f"{url}: answer larger than {_MAX_ANSWER_BYTES} bytes")
     if response.status != 200:
         try:

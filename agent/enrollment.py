@@ -37,6 +37,7 @@ __all__ = [
     "EnrollmentCode",
     "proof_message",
     "root_fingerprint",
+    "secret_hash",
 ]
 
 CODE_PREFIX = "EF1"
@@ -84,8 +85,12 @@ class EnrollmentCode:
         return cls(match.group(1), fingerprint)
 
     def secret_hash(self) -> str:
-        """What the fleet stores: the secret never rests in its database."""
-        return hashlib.sha256(self.secret.encode()).hexdigest()
+        return secret_hash(self.secret)
+
+
+def secret_hash(secret: str) -> str:
+    """What the fleet stores of a code: the secret never rests in its database."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def root_fingerprint(root: Any) -> bytes:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -65,9 +64,9 @@ class Identity:
             return None
         if self.username is None:
             return self.broker
-        scheme, _, rest = self.broker.partition("://")
-        secret = f":{quote(self.password, safe='')}" if self.password is not None else ""
-        return f"{scheme}://{quote(self.username, safe='')}{secret}@{rest}"
+        from agent.mqtt import BrokerAddress
+
+        return BrokerAddress.parse(self.broker).with_account(self.username, self.password).url()
 
     def save(self, state_dir: Path) -> None:
         write_private(state_dir / IDENTITY_FILE, json.dumps(asdict(self), indent=2).encode())

@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass, replace
+from urllib.parse import quote, unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -113,6 +113,21 @@ class BrokerAddress:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
         )
+
+    def with_account(self, username: str, password: str | None) -> BrokerAddress:
+        return replace(self, username=username, password=password)
+
+    def url(self) -> str:
+        """The URL :meth:`parse` reads back, credentials included (for a secret's file or
+        an environment variable, never a log: ``str()`` is for those)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        account = ""
+        if self.username is not None:
+            account = quote(self.username, safe="")
+            if self.password is not None:
+                account += ":" + quote(self.password, safe="")
+            account += "@"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{account}{host}:{self.port}"
 
     def __str__(self) -> str:  # never shows the password
         user = f"{self.username}@" if self.username else ""

@@ -32,11 +32,11 @@ from sqlmodel import Session, col, select
 
 from agent.contract import DEVICE_ID_PATTERN, utcnow
 from agent.enrollment import (
-    FINGERPRINT_BYTES,
     SECRET_BYTES,
     EnrollmentCode,
     proof_message,
     root_fingerprint,
+    secret_hash,
 )
 from fleet import audit
 from fleet.broker.accounts import BrokerAccountError, BrokerAccounts
@@ -103,9 +103,7 @@ def issue_code(
     if tags and len(tags) > MAX_LABELS:
         raise InvalidRequestError(f"a device carries at most {MAX_LABELS} tags")
     secret = secrets.token_bytes(SECRET_BYTES)
-    fingerprint = root_fingerprint(root)
-    assert len(fingerprint) == FINGERPRINT_BYTES
-    code = EnrollmentCode.new(secret, fingerprint)
+    code = EnrollmentCode.new(secret, root_fingerprint(root))
     now = utcnow()
     expires_at = now + valid_for
     audit.record(session, actor, "device.code", f"device:{device_id}",
@@ -144,8 +142,8 @@ def enroll(
     session: Session, accounts: BrokerAccounts | None, *, secret: str, public_key: str,
     proof: str,
 ) -> Enrolled:
-    secret_hash = hashlib.sha256(secret.encode()).hexdigest()  # EnrollmentCode.secret_hash
-    row = session.exec(select(CodeRow).where(col(CodeRow.secret_hash) == secret_hash)).first()
+    row = session.exec(
+        select(CodeRow).where(col(CodeRow.secret_hash) == secret_hash(secret))).first()
     if row is None:
         raise UnknownCodeError("this enrollment code is not one this fleet issued (or it "
                                "was replaced by a newer one, or its device was revoked)")

@@ -20,7 +20,6 @@ import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 import uvicorn
 from sqlmodel import Session
@@ -191,7 +190,13 @@ class _LocalAgent:
         # --force: the local agent's state lives in this data directory, so re-pinning
         # this very fleet's root is safe, and keeps its fleet URL and broker current
         # when the fleet restarts on another port.
-        enroll = self._command("enroll", "--fleet", self.api_url, "--code", self._issue_code(),
+        try:
+            code = self._issue_code()
+        except Exception as exc:  # the database refused: say so, the fleet goes on
+            self._say(f"agent: no enrollment code for {self.device_id} ({exc}); it is not "
+                      "started")
+            return
+        enroll = self._command("enroll", "--fleet", self.api_url, "--code", code,
                                "--state-dir", str(self.state_dir), "--force")
         with self.log_path.open("ab") as log_file:
             done = subprocess.run(enroll, stdout=log_file, stderr=subprocess.STDOUT,
@@ -265,13 +270,6 @@ def _start_broker(
     return local_broker, local_broker.url, DynsecAccounts(local_broker.admin_address())
 
 
-def _with_account(url: str, user: str, password: str) -> str:
-    address = BrokerAddress.parse(url)
-    scheme = "mqtts" if address.tls else "mqtt"
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{address.port}"
-
-
 def _local_agent_code(engine, repository: FleetRepository, device_id: str) -> str:
     """The quickstart's device enrolls like any other: with a code of its own."""
     with Session(engine) as session:
@@ -326,12 +324,12 @@ def _serve_locked(
     publisher_url = settings.publisher_broker_url
     if accounts is not None:
         if local_broker is not None:
-            broker_url = _with_account(broker_url, worker_account(worker_id),
-                                       accounts.add_worker(worker_id))
+            broker_url = BrokerAddress.parse(broker_url).with_account(
+                worker_account(worker_id), accounts.add_worker(worker_id)).url()
         if publisher_url is None:
-            publisher_url = _with_account(
-                broker_url, worker_account(f"{worker_id}-publisher"),
-                accounts.add_worker(f"{worker_id}-publisher"))
+            publisher_url = BrokerAddress.parse(broker_url).with_account(
+                worker_account(f"{worker_id}-publisher"),
+                accounts.add_worker(f"{worker_id}-publisher")).url()
         say(f"broker accounts: made by this fleet ({accounts.describe()}): one per device "
             "at enrollment, removed at revocation")
     else:

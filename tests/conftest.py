@@ -1,3 +1,5 @@
+import os
+
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.tflite_models",
@@ -11,8 +13,6 @@ pytest_plugins = [
 # Agents the tests start read only the options the tests give them, never the config file
 # of an agent installed on this machine (/etc/edgefleet/agent.toml). Tests of the config
 # file set EDGE_AGENT_CONFIG themselves.
-import os  # noqa: E402
-
 os.environ.setdefault("EDGE_AGENT_CONFIG", "none")
 # The CLIs' rich tables and lines are as wide as this, whatever the terminal (or none) the
 # test runner has: tests read whole cells and paths.

@@ -48,7 +48,7 @@ from agent.trust.desired import DirectorKeys
 from agent.trust.download import DownloadLimits, DownloadWatch
 
 __all__ = ["BundleClient", "HashingWriter", "enroll", "fetch_device_broker", "fetch_root",
-           "http_pool", "let_go", "pin_root"]
+           "http_pool", "let_go", "pin_root", "read_capped"]
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,11 @@ def fetch_root(fleet_url: str) -> tuple[bytes, Root]:
         response = http_pool().request("GET", url, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
         raise TrustError(f"cannot fetch {url}: {exc}") from exc
-    complete = False
-    try:
-        if response.status != 200:
-            raise TrustError(f"cannot fetch {url}: HTTP {response.status}")
-        data = response.read(_MAX_ROOT_BYTES + 1)
-        complete = len(data) <= _MAX_ROOT_BYTES
-    finally:
-        let_go(response, complete)
-    if not complete:
+    if response.status != 200:
+        let_go(response, complete=False)
+        raise TrustError(f"cannot fetch {url}: HTTP {response.status}")
+    data = read_capped(response, _MAX_ROOT_BYTES)
+    if data is None:
         raise TrustError(f"{url} is larger than {_MAX_ROOT_BYTES} bytes: not a root")
     try:
         root_md = Metadata[Root].from_bytes(data)
@@ -132,17 +128,13 @@ def fetch_device_broker(fleet_url: str) -> str | None:
         response = http_pool().request("GET", url, preload_content=False)
     except urllib3.exceptions.HTTPError as exc:
         raise ValueError(f"cannot fetch {url}: {exc}") from exc
-    complete = False
-    try:
+    if response.status != 200:
+        let_go(response, complete=False)
         if response.status == 404:
             return None
-        if response.status != 200:
-            raise ValueError(f"{url}: HTTP {response.status}")
-        body = response.read(_MAX_DEVICE_CONFIG_BYTES + 1)
-        complete = len(body) <= _MAX_DEVICE_CONFIG_BYTES
-    finally:
-        let_go(response, complete)
-    if len(body) > _MAX_DEVICE_CONFIG_BYTES:
+        raise ValueError(f"{url}: HTTP {response.status}")
+    body = read_capped(response, _MAX_DEVICE_CONFIG_BYTES)
+    if body is None:
         raise ValueError(f"{url}: answer larger than {_MAX_DEVICE_CONFIG_BYTES} bytes")
     try:
         document = json.loads(body)
@@ -329,6 +321,18 @@ class BundleClient:
             raise urllib3.exceptions.ProtocolError(
                 f"connection closed at {stream.size}/{stream.length} bytes"
             )
+
+
+def read_capped(response, limit: int) -> bytes | None:
+    """The whole body when it is at most ``limit`` bytes, else None (never more than
+    ``limit + 1`` bytes read); the connection is let go either way."""
+    complete = False
+    try:
+        body = response.read(limit + 1)
+        complete = len(body) <= limit
+    finally:
+        let_go(response, complete)
+    return body if complete else None
 
 
 def let_go(response, complete: bool) -> None:

@@ -158,12 +158,12 @@ class DynsecAccounts:
         return passwords
 
     def remove_device(self, device_id: str) -> bool:
-        answers = self.run([{"command": "deleteClient", "username": device_id}])
-        found = self._check(answers, tolerate=("Client not found",))[0] is None
-        self._check(self.run([{"command": "deleteRole",
-                               "rolename": f"{DEVICE_ROLE_PREFIX}{device_id}"}]),
-                    tolerate=("Role not found",))
-        return found
+        answers = self.run([
+            {"command": "deleteClient", "username": device_id},
+            {"command": "deleteRole", "rolename": f"{DEVICE_ROLE_PREFIX}{device_id}"},
+        ])
+        client, _role = self._check(answers, tolerate=("Client not found", "Role not found"))
+        return client is None
 
     def add_worker(self, worker_id: str) -> str:
         password = new_password()

@@ -9,49 +9,30 @@ import hashlib
 import re
 import stat
 import subprocess
-import threading
 import time
 from datetime import UTC, datetime
 
-import paho.mqtt.client as paho
 from cryptography.hazmat.primitives import serialization
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.identity import Identity
+from agent.mqtt import BrokerAddress, try_connect
 from tests.fixtures.processes import console_script, start_fleet
 from tests.fixtures.waiting import wait_until
 
 
-def _enroll(fleet_url: str, code: str, state_dir) -> subprocess.CompletedProcess[str]:
+def _enroll(fleet_url: str, code: str, state_dir, *more: str
+            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*console_script("edge-agent"), "enroll", "--fleet", fleet_url, "--code", code,
-         "--state-dir", str(state_dir)],
+         "--state-dir", str(state_dir), *more],
         capture_output=True, text=True, timeout=60, check=False)
 
 
 def _connack(port: int, client_id: str, user: str | None = None,
              password: str | None = None) -> str:
     """The broker's answer to one CONNECT, as paho names it."""
-    answered = threading.Event()
-    answer: list[str] = []
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=paho.MQTTv5)
-    if user is not None:
-        client.username_pw_set(user, password)
-
-    def on_connect(client, userdata, flags, reason_code, properties) -> None:
-        answer.append(str(reason_code))
-        answered.set()
-
-    client.on_connect = on_connect
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        assert answered.wait(15), "the broker did not answer CONNECT"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return answer[0]
+    return try_connect(BrokerAddress("127.0.0.1", port, username=user, password=password),
+                       client_id, timeout=15)
 
 
 def test_a_code_is_spent_once_expires_and_is_never_shown_to_an_impersonator(
@@ -155,10 +136,8 @@ def test_the_embedded_broker_refuses_strangers_and_borrowed_names_and_shuts_out_
 
         # Re-flashed or forgiven: a new code brings it back, under a new key.
         agent.terminate()
-        renewed = subprocess.run(
-            [*console_script("edge-agent"), "enroll", "--fleet", fleet.url, "--force",
-             "--code", fleet.add_device("cam-01"), "--state-dir", str(agents.state_dir("cam-01"))],
-            capture_output=True, text=True, timeout=60, check=False)
+        renewed = _enroll(fleet.url, fleet.add_device("cam-01"), agents.state_dir("cam-01"),
+                          "--force")
         assert renewed.returncode == 0, renewed.stderr
         agents.start("cam-01", None)
         wait_until(lambda: (fleet.device("cam-01") or {}).get("online"), timeout=30,
