@@ -448,7 +448,7 @@ def devices_remove(
 def _repository(settings: Settings):
     from fleet.trust.repository import FleetRepository
 
-    return FleetRepository(settings.data_dir)
+    return FleetRepository(settings.repository_dir)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -601,11 +601,14 @@ def bundle_publish(
     if not file.is_file():
         raise _fail(f"{file}: no such file")
     settings = _settings(data_dir)
-    err.print(f"[dim]fleet data directory {settings.data_dir}[/]", highlight=False)
+    where = (f"fleet data directory {settings.data_dir}" if settings.store_dir is None else
+             f"fleet store {settings.store_dir} (EDGEFLEET_STORE_DIR)")
+    err.print(f"[dim]{where}[/]", highlight=False)
     repository = _repository(settings)
     if not repository.exists:
-        raise _fail(f"no repository in {settings.data_dir}: start `edge-fleet serve` there "
-                    "once, or run `edge-fleet keys init` (both take --data-dir)")
+        raise _fail(f"no repository in {settings.repository_dir}: start `edge-fleet serve` "
+                    "there once, or run `edge-fleet keys init` (both take --data-dir; a "
+                    "shared store is EDGEFLEET_STORE_DIR)")
     try:
         with Session(_local_engine(settings)) as session:
             row = publish_bundle(session, repository, file)

@@ -17,10 +17,19 @@ log = logging.getLogger(__name__)
 
 
 class Periodic:
-    def __init__(self, name: str, interval_s: float, action: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        name: str,
+        interval_s: float,
+        action: Callable[[], object],
+        when: Callable[[], bool] | None = None,
+    ) -> None:
+        """``when``: asked before each run; a run it declines is skipped, not queued (the
+        fleet's chores run only on the leading worker: ``fleet.leader``)."""
         self.name = name
         self.interval_s = interval_s
         self.action = action
+        self.when = when
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -35,7 +44,7 @@ class Periodic:
     def _loop(self) -> None:
         while True:
             try:
-                result = self.action()
+                result = None if self.when is not None and not self.when() else self.action()
                 if result:
                     log.info("%s: %s", self.name, result)
             except Exception:

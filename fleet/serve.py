@@ -38,6 +38,7 @@ from fleet.drift import store as drift_store
 from fleet.drift.notify import DriftNotifier
 from fleet.drift.webhook import SIGNATURE_HEADER, WebhookConfigError, WebhookTarget
 from fleet.ingest import IngestWorker
+from fleet.leader import Leadership
 from fleet.local_broker import LocalBroker, free_port
 from fleet.periodic import Periodic
 from fleet.publisher import Publisher, publisher_for
@@ -305,21 +306,32 @@ def _serve_locked(
     say(f"database: {engine.url.render_as_string(hide_password=True)}")
     if ensure_admin_token(engine, settings.admin_token_file):
         say(f"admin token created: {settings.admin_token_file} (mode 0600; keep it secret)")
-    repository = FleetRepository(settings.data_dir)
-    if not repository.exists:
-        repository.init()
+    repository = FleetRepository(settings.repository_dir)
+    if repository.ensure():
         say(
             f"signing keys created: {repository.keys_dir}; move {repository.keys_dir / 'root'} "
             "offline (it is only needed to rotate keys)"
         )
+    elif settings.store_dir is not None:
+        say(f"store: {settings.store_dir} (signing keys, metadata and bundles, shared by "
+            "every worker)")
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{settings.port}"
+    # The chores (re-signing, retention, rollouts, resends) run where the leader's lock is:
+    # its log lines say when this worker takes the role or gives it up.
+    leadership = Leadership(engine, worker_id).start()
+
+    def leads() -> bool:
+        return leadership.is_leader
+
     chores = [
-        Periodic("re-sign metadata", settings.metadata_refresh_s, repository.refresh_expiring),
-        Periodic("telemetry retention", 3600, lambda: _expire_telemetry(engine, settings)),
+        Periodic("re-sign metadata", settings.metadata_refresh_s, repository.refresh_expiring,
+                 when=leads),
+        Periodic("telemetry retention", 3600, lambda: _expire_telemetry(engine, settings),
+                 when=leads),
     ]
     for chore in chores:
         chore.start()
 
-    worker_id = settings.worker_id or f"{socket.gethostname()}-{settings.port}"
     local_broker, broker_url, accounts = _start_broker(settings, say)
     publisher_url = settings.publisher_broker_url
     if accounts is not None:
@@ -357,16 +369,18 @@ def _serve_locked(
     publisher.start()
     say(said)
     resend = Periodic("resend desired", max(1.0, settings.desired_resend_s / 4),
-                      lambda: _resend_desired(engine, publisher, settings)).start()
+                      lambda: _resend_desired(engine, publisher, settings), when=leads).start()
     chores.append(resend)
     controller = Periodic("rollout controller", settings.rollout_tick_s,
-                          lambda: _tick_rollouts(engine, publisher, repository, settings)).start()
+                          lambda: _tick_rollouts(engine, publisher, repository, settings),
+                          when=leads).start()
     chores.append(controller)
     device_broker = DeviceBroker.from_urls(broker_url, settings.device_broker_url)
     say(f"devices are told the broker {device_broker.url_for(None)} at enrollment"
         + ("" if device_broker.fixed else " (with the host name they reach the API by)")
         + "; set EDGEFLEET_DEVICE_BROKER_URL if they reach it elsewhere")
     app = create_app(engine, ingest, repository, device_broker, publisher, accounts)
+    app.state.leadership = leadership
     agent = None
     if local_agent_id is not None:
         agent = _LocalAgent(
@@ -390,6 +404,7 @@ def _serve_locked(
             agent.stop()
         for chore in chores:
             chore.stop()
+        leadership.stop()
         publisher.stop()
         ingest.stop()
         if notifier is not None:

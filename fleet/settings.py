@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
 
     data_dir: Path = Field(default_factory=_default_data_dir)
+    # The update repository (signing keys, TUF metadata, bundles) when several workers share
+    # one: a directory every worker mounts. Default: the data directory (one worker).
+    store_dir: Path | None = None
     database_url: str | None = None
     broker_url: str | None = None
     # An account of its own for publishing desired states (fleet.publisher), when the
@@ -69,6 +72,10 @@ class Settings(BaseSettings):
     @property
     def drift_webhook_secret_file(self) -> Path:
         return self.data_dir / "drift-webhook-secret"
+
+    @property
+    def repository_dir(self) -> Path:
+        return self.store_dir or self.data_dir
 
     @property
     def resolved_database_url(self) -> str:

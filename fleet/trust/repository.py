@@ -133,6 +133,15 @@ class FleetRepository:
         targets = Targets(expires=now + self.expiry.targets)
         self._commit(targets=targets)
 
+    def ensure(self) -> bool:
+        """Create the repository unless it exists; True when this call created it. Under
+        the repository's lock, so workers starting together on a shared store make one."""
+        with self._locked():
+            if self.exists:
+                return False
+            self.init()
+            return True
+
     # ----------------------------------------------------------------- reading
 
     def _load(self, name: str) -> Metadata:

@@ -22,9 +22,14 @@ router = APIRouter()
 
 @router.get("/healthz", tags=["system"])
 def healthz(ingest: OptionalIngestDep, request: Request) -> dict:
+    """``leader``/``worker``: which worker runs the chores (``fleet.leader``); a load
+    balancer's probe needs only the status code."""
     publisher = getattr(request.app.state, "publisher", None)
+    leadership = getattr(request.app.state, "leadership", None)
     return {
         "status": "ok",
+        "worker": leadership.worker_id if leadership is not None else None,
+        "leader": leadership.is_leader if leadership is not None else None,
         "ingest_connected": ingest.link.connected if ingest is not None else None,
         "publisher_connected": publisher.connected if publisher is not None else None,
     }
