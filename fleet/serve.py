@@ -306,6 +306,9 @@ def _serve_locked(
     say(f"database: {engine.url.render_as_string(hide_password=True)}")
     if ensure_admin_token(engine, settings.admin_token_file):
         say(f"admin token created: {settings.admin_token_file} (mode 0600; keep it secret)")
+    elif not settings.admin_token_file.exists():
+        say("admin token: the database has tokens already (another worker's first start, "
+            f"or `edge-fleet token create`); none is written to {settings.admin_token_file}")
     repository = FleetRepository(settings.repository_dir)
     if repository.ensure():
         say(
