@@ -1,6 +1,6 @@
 """Two fleet workers on one PostgreSQL, one broker and one shared store: the leader is
-SIGKILLed during a rollout and a telemetry burst; nothing is lost or doubled, the rollout
-completes, and the leader role moves.
+SIGKILLed during a rollout and a telemetry burst, then the follower; nothing is lost or
+doubled, the rollout completes, and the leader role moves when its holder dies.
 
 All real: two ``edge-fleet serve`` processes (``EDGEFLEET_INGEST_SHARED``: the broker
 splits telemetry between them through a shared subscription; ``EDGEFLEET_STORE_DIR``: one
@@ -120,14 +120,17 @@ def _complete(database_url: str) -> bool:
 
 
 @pytest.mark.timeout(900)
-def test_leader_killed_during_a_rollout_and_a_burst_loses_and_doubles_nothing(
-    tmp_path, mosquitto, make_bundle, database_url
+@pytest.mark.parametrize("victim", ["leader", "follower"])
+def test_a_worker_killed_during_a_rollout_and_a_burst_loses_and_doubles_nothing(
+    tmp_path, mosquitto, make_bundle, database_url, victim
 ):
     a = _worker(tmp_path, mosquitto, database_url, "a")
     wait_until(lambda: _leads(a), timeout=30, what="the first worker to lead")
     b = _worker(tmp_path, mosquitto, database_url, "b")
     b.token = a.token  # one admin token for the fleet, whichever worker answers
-    workers = [a, b]
+    workers = {"a": a, "b": b}
+    # The devices reach the fleet's HTTP side through the worker that stays up.
+    doomed, survivor = ("a", b) if victim == "leader" else ("b", a)
     sim = None
     try:
         assert not _leads(b)
@@ -136,35 +139,38 @@ def test_leader_killed_during_a_rollout_and_a_burst_loses_and_doubles_nothing(
         publish_versions(a, make_bundle, ((1, 1), (2, 2)))
         assert b.get("/repo/metadata/timestamp.json").status_code == 200
 
-        # The devices reach the fleet's HTTP side through b (the one that stays up).
         sim, _faults = start_simulator(
-            tmp_path, b.url, mosquitto, SIMULATED, {"devices": {}}, "--interval", "0.5",
-            "--keepalive", "5", "--inferences", "2", "--retry", "2")
-        wait_until(lambda: sum(d["online"] for d in devices_by_id(b).values())
+            tmp_path, survivor.url, mosquitto, SIMULATED, {"devices": {}}, "--interval",
+            "0.5", "--keepalive", "5", "--inferences", "2", "--retry", "2")
+        wait_until(lambda: sum(d["online"] for d in devices_by_id(survivor).values())
                    == len(SIMULATED), timeout=120, interval=1, what="the devices online")
 
-        rollout = create_rollout(b, 1, "--waves", "5,100%", "--bake", "2")
-        wait_until(lambda: rollout_status(b, rollout["id"])["wave"] >= 1
-                   and rollout_status(b, rollout["id"])["waves"][0]["states"].get("healthy"),
-                   timeout=120, interval=0.2, what="the first wave's devices healthy")
+        rollout = create_rollout(survivor, 1, "--waves", "5,100%", "--bake", "2")
+
+        def first_wave_healthy() -> bool:
+            status = rollout_status(survivor, rollout["id"])
+            return status["wave"] >= 1 and bool(status["waves"][0]["states"].get("healthy"))
+
+        wait_until(first_wave_healthy, timeout=120, interval=0.2,
+                   what="the first wave's devices healthy")
 
         burst = Burst(mosquitto)
         burst.start()
         wait_until(lambda: sum(burst.sent.values()) >= len(BURST) * PER_DEVICE // 4,
                    timeout=60, interval=0.05, what="a quarter of the burst sent")
-        assert rollout_status(b, rollout["id"])["status"] == "running"
-        a.kill9()  # the leader, mid-rollout, mid-burst
-        wait_until(lambda: _leads(b), timeout=30, interval=0.2, what="b to take the lead")
+        assert rollout_status(survivor, rollout["id"])["status"] == "running"
+        workers[doomed].kill9()  # mid-rollout, mid-burst
+        wait_until(lambda: _leads(survivor), timeout=30, interval=0.2,
+                   what="the survivor to lead")
         burst.join()
         assert not burst.errors, burst.errors
         assert sum(burst.sent.values()) == len(BURST) * PER_DEVICE
 
         # Started again with its id, as a restart policy would: it rejoins as a follower
         # and stores what the broker kept for its session.
-        a = _worker(tmp_path, mosquitto, database_url, "a")
-        workers[0] = a
-        assert a.token == b.token
-        assert not _leads(a) and _leads(b)
+        back = workers[doomed] = _worker(tmp_path, mosquitto, database_url, doomed)
+        back.token = a.token
+        assert not _leads(back) and _leads(survivor)
 
         wait_until(lambda: _complete(database_url), timeout=120, interval=1,
                    what=f"every burst message stored once: {_stored(database_url)}")
@@ -172,18 +178,19 @@ def test_leader_killed_during_a_rollout_and_a_burst_loses_and_doubles_nothing(
         assert all(rows == distinct for _, rows, distinct in
                    stored["heartbeat"] + stored["deviceevent"]), stored
 
-        done = rollout_ended(b, rollout["id"], timeout=300)
+        done = rollout_ended(survivor, rollout["id"], timeout=300)
         assert done["status"] == "completed", done
         assert all(w["states"] == {"healthy": w["devices"]} for w in done["waves"]), done
-        told = told_of(b, 1)
+        told = told_of(survivor, 1)
         assert told == Counter(dict.fromkeys(SIMULATED, 1)), told
-        got = Counter({device: received(b, device, 1) for device in SIMULATED})
+        got = Counter({device: received(survivor, device, 1) for device in SIMULATED})
         assert got == Counter(dict.fromkeys(SIMULATED, 1)), got
-        actions = [e["action"] for e in rollout_audit(b, rollout["id"])]
+        actions = [e["action"] for e in rollout_audit(survivor, rollout["id"])]
         assert actions.count("rollout.complete") == 1, actions
-        assert "leader: worker test-b runs the fleet's chores now" in b.log()
+        if victim == "leader":
+            assert "leader: worker test-b runs the fleet's chores now" in b.log()
     finally:
         if sim is not None:
             sim.terminate(timeout=60)
-        for worker in workers:
+        for worker in workers.values():
             worker.terminate()
