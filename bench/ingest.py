@@ -46,12 +46,12 @@ from statistics import median
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import PG_ADMIN, cpu_seconds, postgres_pids  # noqa: E402
+
 # seq bases, one range per run, so no run's rows count for another's.
 SEQ_STEP = 10**8
 DRAIN = 2 * 10**9
 LONG = 3 * 10**9
-
-PG_ADMIN = os.environ.get("EDGEFLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def publish(url: str, devices: int, messages: int, first_seq: int) -> None:
@@ -133,32 +133,6 @@ def run_bare(url: str, devices: int, messages: int, work: Path) -> float:
     out, _ = subscriber.communicate(timeout=600)
     result = json.loads(out.strip().splitlines()[-1])
     return result["count"] / (result["last"] - started)
-
-
-def _cpu_seconds(pids: list[int | None]) -> float:
-    """User + system CPU time of these processes so far (Linux /proc)."""
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, TypeError):
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _postgres_pids() -> list[int | None]:
-    """Every PostgreSQL server process on this machine (the benchmark's database is the
-    only busy one while it runs)."""
-    pids: list[int | None] = []
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() in ("postgres", "postmaster"):
-                pids.append(int(comm.parent.name))
-        except OSError:
-            continue
-    return pids
 
 
 class Workers:
@@ -251,9 +225,9 @@ class Workers:
         try:
             _python("--publish", self.url, str(devices), str(messages), str(first_seq)).wait()
         finally:
-            groups = {"worker": [p.pid for p in self.processes], "postgres": _postgres_pids(),
+            groups = {"worker": [p.pid for p in self.processes], "postgres": postgres_pids(),
                       "broker": [self.broker_pid]}
-            before = {name: _cpu_seconds(pids) for name, pids in groups.items()}
+            before = {name: cpu_seconds(pids) for name, pids in groups.items()}
             for process in self.processes:
                 process.send_signal(signal.SIGCONT)
             resumed = time.time()
@@ -266,7 +240,7 @@ class Workers:
             "SELECT COUNT(*) FROM heartbeat WHERE received_at = %s AND seq >= %s AND seq < %s",
             (last, first_seq, first_seq + messages)).fetchone()[0]
         self.drain_cpu_us_per_msg = {
-            name: round((_cpu_seconds(pids) - before[name]) / messages * 1e6, 1)
+            name: round((cpu_seconds(pids) - before[name]) / messages * 1e6, 1)
             for name, pids in groups.items()
         }
         if in_last_batch >= messages:  # all in one batch (a tiny run): only the poll's time
