@@ -446,9 +446,12 @@ def devices_remove(
 
 
 def _repository(settings: Settings):
-    from fleet.trust.repository import FleetRepository
+    from fleet.trust.repository import RepositoryConfigError, open_repository
 
-    return FleetRepository(settings.repository_dir)
+    try:
+        return open_repository(settings)
+    except RepositoryConfigError as exc:  # EDGEFLEET_STORE_URL: its URL, the s3 extra
+        raise _fail(str(exc)) from None
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

@@ -45,7 +45,7 @@ from fleet.publisher import Publisher, publisher_for
 from fleet.rollouts import controller as rollout_controller
 from fleet.settings import Settings
 from fleet.tokens import ensure_admin_token
-from fleet.trust.repository import FleetRepository
+from fleet.trust.repository import FleetRepository, RepositoryConfigError, open_repository
 
 __all__ = ["LocalBrokerPortTaken", "ServeError", "serve"]
 
@@ -309,13 +309,20 @@ def _serve_locked(
     elif not settings.admin_token_file.exists():
         say("admin token: the database has tokens already (another worker's first start, "
             f"or `edge-fleet token create`); none is written to {settings.admin_token_file}")
-    repository = FleetRepository(settings.repository_dir)
-    if repository.ensure():
+    try:
+        repository = open_repository(settings, engine)
+        created = repository.ensure()
+    except RepositoryConfigError as exc:  # a store error too: bucket, credentials, keys
+        raise ServeError(f"update repository: {exc}") from None
+    if created:
         say(
             f"signing keys created: {repository.keys_dir}; move {repository.keys_dir / 'root'} "
             "offline (it is only needed to rotate keys)"
         )
-    elif settings.store_dir is not None:
+    if settings.store_url:
+        say(f"store: {repository.location} (metadata and bundles, shared by every worker; "
+            f"signing keys in {repository.keys_dir})")
+    elif settings.store_dir is not None and not created:
         say(f"store: {settings.store_dir} (signing keys, metadata and bundles, shared by "
             "every worker)")
     worker_id = settings.worker_id or f"{socket.gethostname()}-{settings.port}"

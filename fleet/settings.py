@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     # The update repository (signing keys, TUF metadata, bundles) when several workers share
     # one: a directory every worker mounts. Default: the data directory (one worker).
     store_dir: Path | None = None
+    # Or the repository's metadata and bundles in an S3-compatible bucket every worker
+    # reaches: s3://BUCKET/PREFIX (needs the s3 extra; credentials from the AWS chain). The
+    # signing keys stay on disk all the same (store_dir, else the data directory: keys/).
+    store_url: str | None = None
+    # The store's endpoint when it is not AWS S3 (MinIO, Ceph): http://minio:9000.
+    s3_endpoint_url: str | None = None
     database_url: str | None = None
     broker_url: str | None = None
     # An account of its own for publishing desired states (fleet.publisher), when the

@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.processes",
     "tests.fixtures.bundles",
     "tests.fixtures.trust",
+    "tests.fixtures.s3",
 ]
 
 # Agents the tests start read only the options the tests give them, never the config file

@@ -1,6 +1,6 @@
 """The fleet's TUF repository: keys, signed metadata, bundles as targets.
 
-Layout under the data directory::
+Layout under the data directory (or ``EDGEFLEET_STORE_DIR``)::
 
     keys/root/root-N.pem          offline root keys: move them off the server after init
     keys/online/ROLE.pem          online keys: targets, snapshot, timestamp, director
@@ -10,13 +10,23 @@ Layout under the data directory::
     repo/metadata/timestamp.json  written last, so it never points at a file not yet there
     repo/targets/SHA256.NAME      bundles, addressed by hash
 
+``repo/`` is a :class:`~fleet.trust.storage.Storage`: that directory, or a bucket
+(``EDGEFLEET_STORE_URL=s3://BUCKET/PREFIX``: ``PREFIX/metadata/...``, ``PREFIX/targets/...``;
+see :func:`open_repository`). The keys always stay on the worker's disk, never in a bucket:
+every worker that signs needs the same ``keys/online`` (in Kubernetes, a Secret volume), and
+the root keys belong offline.
+
 The *director* key signs each device's desired state (see ``fleet.trust.director``). TUF
 admits only its four top-level roles in root, so the director's keys and threshold ride in
 root's signed body as ``x-edgefleet-director``: root delegates it, root rotation rotates it,
 and an agent trusts it exactly as far as it trusts root.
 
-Every change takes an exclusive file lock, so ``edge-fleet bundle publish`` can run while
-``edge-fleet serve`` refreshes the timestamp.
+Every change (publish, re-sign, rotate) reads the newest metadata and writes the next
+versions under one exclusive lock, so two writers never both make version N+1:
+``edge-fleet bundle publish`` can run while ``edge-fleet serve`` refreshes the timestamp.
+The lock is a file lock (``repo.lock``) beside the keys; workers on several hosts sharing a
+bucket take a PostgreSQL advisory lock instead (:func:`repository_lock`), which the server
+frees when a holder's session ends, a killed worker's included.
 """
 
 from __future__ import annotations
@@ -24,11 +34,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer
@@ -41,18 +52,49 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
+from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.contract import DIRECTOR_FIELD, utcnow
+from fleet.trust.storage import (
+    LocalStorage,
+    ObjectCorruptError,
+    RepositoryConfigError,
+    S3Storage,
+    Storage,
+    StoreBusyError,
+    StoreUnavailableError,
+)
 
-__all__ = ["ONLINE_ROLES", "Expiry", "FleetRepository", "RepositoryConfigError"]
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from fleet.settings import Settings
+
+__all__ = [
+    "MAX_METADATA_BYTES",
+    "ONLINE_ROLES",
+    "REPOSITORY_LOCK_KEY",
+    "Expiry",
+    "FleetRepository",
+    "LockFactory",
+    "RepositoryConfigError",
+    "file_lock",
+    "open_repository",
+    "repository_lock",
+]
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp", "director")
 TUF_ROLES = ("root", "targets", "snapshot", "timestamp")
+# The fleet reads no metadata file larger than this (an agent takes targets up to 5 MB).
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+# The PostgreSQL advisory lock key of the repository's writers ("efrepolk"); distinct from
+# the leader's, the rollout controller's and the schema migration's.
+REPOSITORY_LOCK_KEY = 0x6566_7265_706F_6C6B & 0x7FFF_FFFF_FFFF_FFFF
+REPOSITORY_LOCK_WAIT_S = 120.0
 
-
-class RepositoryConfigError(RuntimeError):
-    """The repository is missing, already exists, or a key is not where it must be."""
+# Makes a fresh hold of the repository's lock each time it is called.
+LockFactory = Callable[[], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -64,15 +106,6 @@ class Expiry:
 
     def for_role(self, role: str) -> timedelta:
         return getattr(self, role)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 def _write_key(path: Path, signer: CryptoSigner) -> None:
@@ -90,29 +123,155 @@ def load_signer(path: Path) -> CryptoSigner:
     return CryptoSigner(private)
 
 
+def file_lock(path: Path) -> LockFactory:
+    """An exclusive ``flock`` on ``path``: every process on this host (and on a shared
+    file system that honours flock) that opens the same file."""
+
+    @contextlib.contextmanager
+    def hold() -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    return hold
+
+
+def repository_lock(engine: Engine, wait_s: float = REPOSITORY_LOCK_WAIT_S) -> LockFactory:
+    """The repository's lock across hosts: a PostgreSQL session advisory lock on a
+    connection of its own, held for one change. A holder that dies ends its session, which
+    frees the lock. Waiting longer than ``wait_s`` is :class:`StoreBusyError`."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    key = {"key": REPOSITORY_LOCK_KEY}
+
+    @contextlib.contextmanager
+    def hold() -> Iterator[None]:
+        try:
+            connection = engine.connect()
+        except DBAPIError as exc:
+            raise StoreUnavailableError(f"the repository's lock: database unreachable "
+                                        f"({exc.__class__.__name__})") from exc
+        try:
+            try:
+                # SET LOCAL: the wait limit ends with this transaction, not the pooled session.
+                connection.execute(text(f"SET LOCAL lock_timeout = {int(wait_s * 1000)}"))
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+                connection.commit()
+            except DBAPIError as exc:
+                connection.rollback()
+                if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+                    raise StoreBusyError(f"another worker held the repository's lock over "
+                                         f"{wait_s:g} s") from exc
+                raise StoreUnavailableError(f"the repository's lock: {exc.orig}") from exc
+            try:
+                yield
+            finally:
+                try:
+                    connection.rollback()
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+                    connection.commit()
+                except DBAPIError:
+                    connection.invalidate()  # the server frees a closed session's locks
+        finally:
+            connection.close()
+
+    return hold
+
+
+def open_repository(settings: Settings, engine: Engine | None = None,
+                    expiry: Expiry | None = None) -> FleetRepository:
+    """The fleet's repository as the settings place it.
+
+    Keys: ``EDGEFLEET_STORE_DIR`` (else the data directory), ``keys/``, always on this
+    worker's disk. Metadata and bundles: ``repo/`` beside them, or the bucket of
+    ``EDGEFLEET_STORE_URL`` (boto3 imported only then). With a bucket and a PostgreSQL
+    database, changes take the database's advisory lock (``engine``, else one made from the
+    settings), since the workers sharing the bucket may be on other hosts; otherwise the
+    file lock ``repo.lock`` beside the keys.
+    """
+    data_dir = settings.repository_dir
+    if not settings.store_url:
+        return FleetRepository(data_dir, expiry)
+    storage = S3Storage.from_url(settings.store_url, settings.s3_endpoint_url)
+    lock = None
+    if engine is None and settings.resolved_database_url.startswith("postgresql"):
+        from fleet.db import make_engine
+
+        engine = make_engine(settings.resolved_database_url)
+    if engine is not None and engine.dialect.name == "postgresql":
+        lock = repository_lock(engine)
+    return FleetRepository(data_dir, expiry, storage=storage, lock=lock)
+
+
 class FleetRepository:
-    def __init__(self, data_dir: Path, expiry: Expiry | None = None) -> None:
+    """Signs and stores the fleet's TUF repository.
+
+    ``storage``: where metadata and bundles go (default: ``data_dir/repo``); ``lock``: what
+    each change holds (default: ``flock`` on ``data_dir/repo.lock``).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        expiry: Expiry | None = None,
+        *,
+        storage: Storage | None = None,
+        lock: LockFactory | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.keys_dir = data_dir / "keys"
-        self.metadata_dir = data_dir / "repo" / "metadata"
-        self.targets_dir = data_dir / "repo" / "targets"
+        self.storage = storage or LocalStorage(data_dir / "repo")
         self.expiry = expiry or Expiry()
+        self._lock = lock or file_lock(data_dir / "repo.lock")
         self._serializer = JSONSerializer(compact=False)
+
+    @property
+    def location(self) -> str:
+        """Where the metadata and bundles are: a directory, or ``s3://BUCKET/PREFIX``."""
+        return self.storage.location
+
+    @property
+    def _place(self) -> Path | str:
+        """The repository, in messages: its data directory, or its bucket."""
+        return self.data_dir if isinstance(self.storage, LocalStorage) else self.location
+
+    @property
+    def metadata_dir(self) -> Path:
+        """The metadata directory (a bucket's: its URL, a str, for messages only)."""
+        return self.storage.folder_location("metadata")  # type: ignore[return-value]
+
+    @property
+    def targets_dir(self) -> Path:
+        """The bundles' directory (a bucket's: its URL, a str, for messages only)."""
+        return self.storage.folder_location("targets")  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ set-up
 
     @property
     def exists(self) -> bool:
-        return (self.metadata_dir / "timestamp.json").is_file()
+        return self.storage.exists("metadata/timestamp.json")
 
     def init(self, root_keys: int = 1, root_threshold: int = 1) -> None:
         """Create all keys and version 1 of every role."""
         if self.exists:
-            raise RepositoryConfigError(f"a repository already exists in {self.data_dir}")
+            raise RepositoryConfigError(f"a repository already exists in {self._place}")
         if not 1 <= root_threshold <= root_keys:
             raise RepositoryConfigError("need 1 <= --root-threshold <= --root-keys")
-        self.metadata_dir.mkdir(parents=True, exist_ok=True)
-        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        # The store answers a listing before any key is made (a missing bucket, refused
+        # credentials: said now, with nothing left behind).
+        self.storage.list("metadata")
+        leftover = [self.keys_dir / "root", self.keys_dir / "online"]
+        if any(directory.is_dir() and any(directory.iterdir()) for directory in leftover):
+            # Keys without a repository: another store's (a mistyped EDGEFLEET_STORE_URL?)
+            # or an interrupted init. Never overwritten: they may sign a repository elsewhere.
+            raise RepositoryConfigError(
+                f"{self.keys_dir} holds keys but {self._place} has no repository: check the "
+                f"store's address, or move {self.keys_dir} away to start a new repository")
         now = utcnow()
         root = Root(expires=now + self.expiry.root, consistent_snapshot=True)
         root_signers = []
@@ -135,17 +294,34 @@ class FleetRepository:
 
     def ensure(self) -> bool:
         """Create the repository unless it exists; True when this call created it. Under
-        the repository's lock, so workers starting together on a shared store make one."""
+        the repository's lock, so workers starting together on a shared store make one.
+
+        A repository made by another worker must come with its online keys here too (a
+        bucket holds no keys): without them this worker could not sign, so it says so now
+        rather than at its first deployment."""
         with self._locked():
-            if self.exists:
-                return False
-            self.init()
-            return True
+            if not self.exists:
+                self.init()
+                return True
+        missing = [role for role in ONLINE_ROLES
+                   if not (self.keys_dir / "online" / f"{role}.pem").is_file()]
+        if missing:
+            raise RepositoryConfigError(
+                f"the repository in {self.location} exists, but this worker has no online "
+                f"key for {', '.join(missing)} in {self.keys_dir / 'online'}: give every "
+                "worker the keys of the first (EDGEFLEET_STORE_DIR; in Kubernetes a Secret "
+                "volume)")
+        return False
 
     # ----------------------------------------------------------------- reading
 
     def _load(self, name: str) -> Metadata:
-        return Metadata.from_file(str(self.metadata_dir / name))
+        data = self.storage.read_bytes(f"metadata/{name}", MAX_METADATA_BYTES)
+        try:
+            return Metadata.from_bytes(data)
+        except DeserializationError as exc:
+            raise ObjectCorruptError(f"{self.location}/metadata/{name}: not TUF metadata "
+                                     f"({exc})") from exc
 
     def root(self) -> Metadata[Root]:
         return self._load("root.json")
@@ -177,23 +353,18 @@ class FleetRepository:
             )
         return [load_signer(path) for path in paths]
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / "repo.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return self._lock()
+
+    def _write(self, name: str, metadata: Metadata) -> None:
+        self.storage.write_bytes(f"metadata/{name}", metadata.to_bytes(self._serializer))
 
     def _write_root(self, root: Root, signers: list[Signer]) -> None:
         metadata = Metadata(root)
         for signer in signers:
             metadata.sign(signer, append=True)
-        data = metadata.to_bytes(self._serializer)
-        _atomic_write(self.metadata_dir / f"{root.version}.root.json", data)
-        _atomic_write(self.metadata_dir / "root.json", data)
+        self._write(f"{root.version}.root.json", metadata)
+        self._write("root.json", metadata)
 
     def _commit(self, targets: Targets | None = None, bump_snapshot: bool = True) -> None:
         """Write new targets (optional), snapshot and timestamp, in that order."""
@@ -201,12 +372,10 @@ class FleetRepository:
         if targets is not None:
             metadata = Metadata(targets)
             metadata.sign(self.online_signer("targets"))
-            _atomic_write(
-                self.metadata_dir / f"{targets.version}.targets.json",
-                metadata.to_bytes(self._serializer),
-            )
+            self._write(f"{targets.version}.targets.json", metadata)
+        first = not self.exists
         if bump_snapshot or targets is not None:
-            if (self.metadata_dir / "timestamp.json").exists():
+            if not first:
                 snapshot = self.snapshot().signed
                 snapshot.version += 1
             else:
@@ -216,14 +385,11 @@ class FleetRepository:
             snapshot.expires = now + self.expiry.snapshot
             metadata = Metadata(snapshot)
             metadata.sign(self.online_signer("snapshot"))
-            _atomic_write(
-                self.metadata_dir / f"{snapshot.version}.snapshot.json",
-                metadata.to_bytes(self._serializer),
-            )
+            self._write(f"{snapshot.version}.snapshot.json", metadata)
             snapshot_version = snapshot.version
         else:
             snapshot_version = self.timestamp().signed.snapshot_meta.version
-        if (self.metadata_dir / "timestamp.json").exists():
+        if not first:
             timestamp = self.timestamp().signed
             timestamp.version += 1
         else:
@@ -232,7 +398,7 @@ class FleetRepository:
         timestamp.expires = now + self.expiry.timestamp
         metadata = Metadata(timestamp)
         metadata.sign(self.online_signer("timestamp"))
-        _atomic_write(self.metadata_dir / "timestamp.json", metadata.to_bytes(self._serializer))
+        self._write("timestamp.json", metadata)  # last: it now points at what is all there
 
     # ---------------------------------------------------------------- changing
 
@@ -241,14 +407,9 @@ class FleetRepository:
         with self._locked():
             self._require()
             target = TargetFile.from_file(target_name, str(bundle), ["sha256"])
-            digest = target.hashes["sha256"]
-            stored = self.targets_dir / f"{digest}.{target_name}"
-            if not stored.exists():
-                tmp = stored.with_name(f".{stored.name}.tmp")
-                shutil.copyfile(bundle, tmp)
-                with open(tmp, "rb") as copied:
-                    os.fsync(copied.fileno())
-                os.replace(tmp, stored)
+            stored = f"targets/{target.hashes['sha256']}.{target_name}"
+            if not self.storage.exists(stored):
+                self.storage.write_file(stored, bundle)
             targets = self.targets().signed
             targets.targets[target_name] = target
             targets.version += 1
@@ -334,5 +495,5 @@ class FleetRepository:
     def _require(self) -> None:
         if not self.exists:
             raise RepositoryConfigError(
-                f"no repository in {self.data_dir}: run `edge-fleet keys init` first"
+                f"no repository in {self._place}: run `edge-fleet keys init` first"
             )
