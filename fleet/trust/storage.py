@@ -359,6 +359,7 @@ class S3Storage(Storage):
         self.prefix = prefix.strip("/")
         self.client = client
         self.endpoint_url = endpoint_url
+        _import_boto3()
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         self._client_error = ClientError

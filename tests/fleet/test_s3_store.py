@@ -44,6 +44,7 @@ from fleet.trust.storage import (
     ObjectMissingError,
     ObjectTooLargeError,
     S3Storage,
+    StoreBusyError,
     StoreConfigError,
     StoreUnavailableError,
 )
@@ -262,6 +263,26 @@ def test_two_workers_publishing_at_once_under_the_postgres_lock_leave_one_chain(
     assert {who for who, _, _ in held} == {"a", "b"}
     spans = sorted((entered, left) for _, entered, left in held)
     assert all(left <= following for (_, left), (following, _) in itertools.pairwise(spans))
+
+
+def test_a_worker_that_waits_too_long_for_the_lock_is_told_the_store_is_busy(
+    s3_store, postgres_url, tmp_path
+):
+    engine = make_engine(postgres_url)
+    try:
+        repository = _worker(tmp_path / "a", s3_store, repository_lock(engine))
+        repository.init()
+        impatient = _worker(tmp_path / "a", s3_store, repository_lock(engine, wait_s=0.5))
+        with repository_lock(engine)():
+            started = time.monotonic()
+            with pytest.raises(StoreBusyError, match="held the repository's lock") as busy:
+                impatient.refresh_expiring(now=utcnow() + timedelta(days=5))
+            assert time.monotonic() - started < 5
+        assert busy.value.reason == "store_busy"
+        assert impatient.refresh_expiring(now=utcnow() + timedelta(days=5)) == [
+            "snapshot", "timestamp"]  # free again: the lock was given back
+    finally:
+        engine.dispose()
 
 
 def test_missing_oversized_and_garbled_objects_are_named_errors(s3_store, tmp_path):
