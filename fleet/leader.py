@@ -12,8 +12,8 @@ every :data:`CHECK_S`; if the check fails (the database restarted, the network b
 steps down at once, before PostgreSQL may have noticed, so two leaders overlap only while
 a dead connection is still counted alive by the server — and each chore is safe under
 that overlap anyway (the controller takes its own lock per tick and row locks; the
-repository's writes take a file lock; a resend at worst repeats a publication the device
-ignores).
+repository's writes take its lock, PostgreSQL's or a file lock on one machine; a resend
+at worst repeats a publication the device ignores).
 
 SQLite admits one fleet per data directory (``fleet.data_dir``), so there the only worker
 always leads.
