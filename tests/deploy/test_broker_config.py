@@ -34,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.contract import topic
 from fleet.ingest import SUBSCRIPTIONS
 from fleet.local_broker import BrokerNotFound, find_dynamic_security_plugin, free_port
+from tests.fixtures.processes import stop_process
 from tests.fixtures.waiting import wait_until
 
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
@@ -159,12 +160,7 @@ def shipped() -> Iterator[ShippedBroker]:
             broker.add(name)
         yield broker
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -24,12 +24,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from tuf.api.metadata import Metadata, Root
 
 from agent.contract import utcnow
-from fleet.api import create_app
-from fleet.db import init_db, make_engine
+from fleet.db import make_engine
 from fleet.local_broker import free_port
 from fleet.settings import Settings
 from fleet.trust.repository import (
@@ -49,7 +47,7 @@ from fleet.trust.storage import (
     StoreUnavailableError,
 )
 from tests.fixtures.processes import console_script
-from tests.fixtures.trust import NetworkFaults, make_device_side
+from tests.fixtures.trust import NetworkFaults, make_device_side, serve_repository
 
 
 def _worker(data_dir: Path, s3_store, lock=None) -> FleetRepository:
@@ -71,24 +69,8 @@ def _file(path: Path, size: int, seed: int) -> Path:
 @contextlib.contextmanager
 def _serving(repository: FleetRepository, tmp_path: Path) -> Iterator[tuple[str, NetworkFaults]]:
     """The fleet's app (production routes) under uvicorn, serving ``repository``."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'serving.db'}")
-    init_db(engine)
-    faults = NetworkFaults(create_app(engine, None, repository))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(faults, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", faults
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        engine.dispose()
+    with serve_repository(repository, tmp_path / "serving.db") as (url, faults, _engine):
+        yield url, faults
 
 
 def test_a_repository_in_a_bucket_publishes_resigns_rotates_and_another_worker_reads_it(
