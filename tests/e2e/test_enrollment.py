@@ -1,7 +1,12 @@
 """Enrollment with one-time codes and broker accounts made by the fleet, across real
 processes: ``edge-fleet serve`` (its own broker with accounts, or the production Mosquitto
 of the fixtures driven through ``EDGEFLEET_BROKER_ADMIN_URL``), ``edge-agent enroll`` and
-``run``, raw MQTT clients for what an attacker would try. No mocks."""
+``run``, raw MQTT clients for what an attacker would try. No mocks.
+
+Each test runs on the database its set-up has in the field: the embedded broker's on
+SQLite (one box), the production broker's on PostgreSQL. The enrollment rules themselves
+(codes claimed once under a race, expiry, proofs) run on both in
+``tests/fleet/test_enrollment_rules.py``."""
 
 from __future__ import annotations
 
@@ -12,12 +17,17 @@ import subprocess
 import time
 from datetime import UTC, datetime
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 
 from agent.identity import Identity
 from agent.mqtt import BrokerAddress, try_connect
 from tests.fixtures.processes import console_script, start_fleet
 from tests.fixtures.waiting import wait_until
+
+ON_SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+ON_POSTGRES = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 
 
 def _enroll(fleet_url: str, code: str, state_dir, *more: str
@@ -35,6 +45,7 @@ def _connack(port: int, client_id: str, user: str | None = None,
                        client_id, timeout=15)
 
 
+@ON_SQLITE
 def test_a_code_is_spent_once_expires_and_is_never_shown_to_an_impersonator(
     tmp_path, database_url
 ):
@@ -94,6 +105,7 @@ def test_a_code_is_spent_once_expires_and_is_never_shown_to_an_impersonator(
     assert "Traceback" not in fleet.log()
 
 
+@ON_SQLITE
 def test_the_embedded_broker_refuses_strangers_and_borrowed_names_and_shuts_out_the_revoked(
     tmp_path, agents, database_url
 ):
@@ -147,6 +159,7 @@ def test_the_embedded_broker_refuses_strangers_and_borrowed_names_and_shuts_out_
     assert "Traceback" not in fleet.log()
 
 
+@ON_POSTGRES
 def test_a_fleet_given_the_brokers_admin_makes_device_accounts_on_the_production_broker(
     tmp_path, mosquitto, agents, database_url
 ):

@@ -1,10 +1,11 @@
 """``edge-agent simulate``: 50 simulated devices against a real fleet and a real broker.
 
-Real components throughout: ``edge-fleet serve`` (over SQLite, and PostgreSQL when
-available), a private mosquitto running the production configuration (each simulated
-device connects with its own account, given in ``--brokers-file``), and the simulator as
-one ``edge-agent simulate`` process whose devices run the agent's code: signed desired
-states, TUF download, slots, the onnxruntime health check and engine.
+Real components throughout: ``edge-fleet serve`` (over SQLite, the quickstart's set-up;
+the simulator drives PostgreSQL fleets in the rollout, drift and two-worker tests), a
+private mosquitto running the production configuration (each simulated device connects
+with its own account, given in ``--brokers-file``), and the simulator as one
+``edge-agent simulate`` process whose devices run the agent's code: signed desired states,
+TUF download, slots, the onnxruntime health check and engine.
 
 The only thing not real is what the simulator injects, through its fault file, at the
 boundaries it names (``agent/simulate/device.py``): a health-check verdict after the real
@@ -13,6 +14,8 @@ a network loss (MQTT DISCONNECT with Last Will).
 """
 
 from __future__ import annotations
+
+import pytest
 
 from tests.fixtures.simulator import publish_versions, start_simulator, write_faults
 from tests.fixtures.waiting import wait_until
@@ -43,6 +46,7 @@ def _write(path, faults: dict) -> None:
     write_faults(path, {"devices": faults})
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_fifty_simulated_devices_register_update_and_show_each_injected_fault(
     tmp_path, fleet_server, mosquitto, make_bundle
 ):
