@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.bundles",
     "tests.fixtures.trust",
     "tests.fixtures.s3",
+    "tests.fixtures.fault_proxy",
 ]
 
 # Agents the tests start read only the options the tests give them, never the config file
