@@ -138,6 +138,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default 60; env EDGE_AGENT_DOWNLOAD_WINDOW)",
     )
     run.add_argument(
+        "--max-download-kbps", type=float,
+        default=os.environ.get("EDGE_AGENT_MAX_DOWNLOAD_KBPS") or 0.0,
+        help="cap on the agent's own bundle download rate, in kilobits/s, leaving the "
+        "rest of the link to the device's application; 0 = no cap "
+        "(default 0; env EDGE_AGENT_MAX_DOWNLOAD_KBPS)",
+    )
+    run.add_argument(
         "--fleet-silence", type=float,
         default=os.environ.get("EDGE_AGENT_FLEET_SILENCE") or 60.0,
         help="seconds connected with nothing from a fleet before saying so (a WARNING when "
@@ -329,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         download = DownloadLimits(
             deadline_s=args.download_deadline, floor_bps=args.download_floor,
-            window_s=args.download_window,
+            window_s=args.download_window, max_rate_bps=args.max_download_kbps * 1000 / 8,
         )
     except ValueError as exc:  # "download deadline must be greater than 0, given 0"
         print(f"error: {exc}", file=sys.stderr)

@@ -3,7 +3,9 @@
 Order of an install, each step reported as an ``events`` message:
 
 1. ``downloading``: refresh TUF metadata, look up the signed target, stream it to disk
-   verifying length and SHA-256 (resumable);
+   verifying length and SHA-256 (resumable); a download running longer than
+   ``progress_every_s`` repeats ``downloading`` with ``received``/``total`` bytes at most
+   that often (a small bundle sends only the first);
 2. ``verified``: the file is exactly the signed target;
 3. ``installed``: unpacked into the inactive slot (safe unpack, every file re-hashed);
 4. health check: the slot's model is loaded and must reproduce its samples;
@@ -23,6 +25,7 @@ update) is reused without a download, which is what makes a rollback instant.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,8 @@ class LoadedModel:
 
 
 class Installer:
+    progress_every_s = 5.0  # at most one progress event this often
+
     def __init__(
         self,
         state_dir: Path,
@@ -226,7 +231,8 @@ class Installer:
         client.refresh()
         info = client.target_info(ref.target_name)
         cancel.check()
-        progress = _ProgressLog(ref.target_name)
+        progress = _ProgressLog(ref.target_name, lambda have, total: self.emit(
+            "downloading", **detail, received=have, total=total), self.progress_every_s)
         path = client.download(info, progress, cancel)
         detail.update(sha256=info.hashes["sha256"], size=info.length)
         self.emit("verified", **detail)
@@ -261,13 +267,22 @@ def _as_update_error(exc: Exception) -> UpdateError:
 
 
 class _ProgressLog:
-    """Log every 10 % of a download: visible progress on slow links, not a flood."""
+    """Log every 10 % of a download, and report how far it got at most every ``every_s``
+    (none for a download shorter than that): visible progress on slow links, not a flood."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, report: Callable[[int, int], None] | None = None,
+                 every_s: float = 5.0) -> None:
         self.name = name
         self._next = 0
+        self._report = report
+        self._every_s = every_s
+        self._reported = time.monotonic()
 
     def __call__(self, have: int, total: int) -> None:
+        now = time.monotonic()
+        if self._report is not None and have < total and now - self._reported >= self._every_s:
+            self._reported = now
+            self._report(have, total)
         percent = 100 * have // total if total else 100
         if percent >= self._next:
             log.info("downloading %s: %d%% (%s of %s)", self.name, percent,

@@ -5,7 +5,12 @@ rollback-, freeze- and mix-and-match protection. The bundle itself is fetched he
 ``Updater.download_target``, for two reasons the device cares about:
 
 * **resume**: a dropped connection continues with an HTTP ``Range`` request from the bytes
-  already on disk (after re-hashing them), instead of starting a large download over;
+  already on disk (after re-hashing them), instead of starting a large download over.
+  Every chunk read is written through to the file at once (flushed), so whatever
+  arrived before a drop counts. Drops are retried within the same download, without a
+  ``failed`` event each: a try that got further is followed by a short pause, tries in a
+  row that got no byte further by a doubling one, and the download gives up after
+  ``download_attempts`` of those (or at its deadline);
 * **one pass**: the SHA-256 is computed while the bytes arrive, and the download stops the
   moment the server sends more than the signed length (endless-data attack); nothing is
   ever held in memory beyond one chunk;
@@ -24,8 +29,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -45,7 +52,7 @@ from agent.errors import (
     UnknownTargetError,
 )
 from agent.trust.desired import DirectorKeys
-from agent.trust.download import DownloadLimits, DownloadWatch
+from agent.trust.download import DownloadLimits, DownloadWatch, TokenBucket, retry_pause
 
 __all__ = ["BundleClient", "HashingWriter", "enroll", "fetch_device_broker", "fetch_root",
            "http_pool", "let_go", "pin_root", "read_capped"]
@@ -242,25 +249,35 @@ class BundleClient:
         self._remove_stale_downloads(keep={final.name, part.name})
         url = f"{self.fleet_url}/repo/targets/{sha256}.{info.path}"
         stream = HashingWriter(part, info.length)
-        last_error: Exception | None = None
+        rate = self.limits.max_rate_bps
+        bucket = TokenBucket(rate, time.monotonic()) if rate > 0 else None
+        stalled = 0  # tries in a row that got no byte further
+        tries = 0
+        best = -1
         with DownloadWatch(self.limits, info.length, cancel) as watch:
-            for attempt in range(1, self.download_attempts + 1):
+            while True:
+                tries += 1
                 try:
-                    self._fetch(url, stream, progress, watch)
+                    self._fetch(url, stream, progress, watch, bucket)
                     break
                 except (urllib3.exceptions.HTTPError, OSError) as exc:
                     watch.check()  # an interrupted read: too slow, deadline, or cancel
-                    last_error = exc
+                    stalled = 0 if stream.size > best else stalled + 1
+                    best = max(best, stream.size)
                     log.warning(
-                        "download of %s interrupted at %d/%d bytes (%s); attempt %d/%d",
-                        info.path, stream.size, info.length, exc, attempt,
-                        self.download_attempts,
+                        "download of %s interrupted at %d/%d bytes (%s); try %d, %d in a "
+                        "row without progress (at most %d)", info.path, stream.size,
+                        info.length, exc, tries, stalled, self.download_attempts,
                     )
-                    watch.sleep(min(0.5 * 2 ** (attempt - 1), 10))
-            else:
-                raise DownloadError(
-                    f"{info.path}: gave up after {self.download_attempts} tries: {last_error}"
-                ) from last_error
+                    if stalled >= self.download_attempts:
+                        raise DownloadError(
+                            f"{info.path}: gave up at {stream.size}/{info.length} bytes "
+                            f"after {stalled} tries in a row without progress ({tries} in "
+                            f"all): {exc}"
+                        ) from exc
+                    watch.sleep(retry_pause(stalled, random.uniform(0.5, 1.0)))
+        if tries > 1:
+            log.info("downloaded %s in %d tries", info.path, tries)
         digest = stream.digest.hexdigest()
         if digest != sha256:
             part.unlink()
@@ -285,6 +302,7 @@ class BundleClient:
         stream: HashingWriter,
         progress: ProgressCallback | None,
         watch: DownloadWatch,
+        bucket: TokenBucket | None = None,
     ) -> None:
         stream.resync()
         if stream.size == stream.length:
@@ -305,14 +323,18 @@ class BundleClient:
                 stream.restart()  # the server ignored our Range
             elif response.status != 206 or not stream.size:
                 raise DownloadError(f"GET {url}: HTTP {response.status}")
+            most = min(_CHUNK, bucket.burst) if bucket is not None else _CHUNK
             with stream.open() as out:
                 # read1: whatever has arrived, so the watch sees a trickle as it comes
-                while chunk := response.read1(_CHUNK, decode_content=False):
+                while chunk := response.read1(most, decode_content=False):
                     stream.append(out, chunk)
                     watch.received += len(chunk)
                     if progress is not None:
                         progress(stream.size, stream.length)
                     watch.check()
+                    if bucket is not None and (wait := bucket.take(len(chunk),
+                                                                   time.monotonic())):
+                        watch.sleep(wait)  # ends early (raising) if the download must stop
             complete = True
         finally:
             watch.attach(None)
@@ -460,5 +482,8 @@ class HashingWriter:
                 f"{self.path.name}: server sent more than the signed {self.length} bytes"
             )
         out.write(chunk)
+        # In the file at once: a dropped connection (or a killed process) loses nothing
+        # that was received (fsynced when the connection ends).
+        out.flush()
         self.digest.update(chunk)
         self.size += len(chunk)

@@ -7,7 +7,10 @@ download forever while a newer desired state waits behind it. So every download 
 * an overall **deadline**: ``deadline_s`` plus the signed length at the floor rate (a
   bigger bundle may take longer), counting reconnects and the pauses between tries;
 * a **throughput floor**: once the download has run for ``window_s``, the bytes received
-  over the last ``window_s`` must average at least ``floor_bps`` (0 turns the floor off).
+  over the last ``window_s`` must average at least ``floor_bps`` (0 turns the floor off);
+* optionally a **rate cap** (``max_rate_bps``, 0 = none): the device's own application
+  traffic shares the link, so the reader takes bytes no faster than the cap
+  (:class:`TokenBucket`); the socket's receive buffer fills and TCP slows the sender.
 
 :class:`DownloadMeter` decides, without IO, from (time, bytes received) samples.
 :class:`DownloadWatch` is the IO around it: a small thread that samples the meter and,
@@ -32,7 +35,7 @@ from typing import Protocol
 from agent.cancel import Cancel
 from agent.errors import DownloadError
 
-__all__ = ["DownloadLimits", "DownloadMeter", "DownloadWatch"]
+__all__ = ["DownloadLimits", "DownloadMeter", "DownloadWatch", "TokenBucket", "retry_pause"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class DownloadLimits:
     deadline_s: float = 300.0
     floor_bps: float = 1024.0
     window_s: float = 60.0
+    max_rate_bps: float = 0.0  # bytes/s; 0: no cap
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0:
@@ -52,6 +56,16 @@ class DownloadLimits:
             raise ValueError(f"download floor must be 0 (off) or more, given {self.floor_bps}")
         if self.window_s <= 0:
             raise ValueError(f"download window must be greater than 0, given {self.window_s}")
+        if self.max_rate_bps < 0:
+            raise ValueError(f"download rate cap must be 0 (off) or more, given "
+                             f"{self.max_rate_bps * 8 / 1000:g} kbps")
+        if 0 < self.max_rate_bps <= self.floor_bps:
+            # Every capped download would end as "too slow".
+            raise ValueError(
+                f"download rate cap {self.max_rate_bps * 8 / 1000:g} kbps "
+                f"({self.max_rate_bps:.0f} B/s) must be above the download floor "
+                f"({self.floor_bps:.0f} B/s)"
+            )
 
     def deadline_for(self, length: int) -> float:
         """Seconds a download of ``length`` signed bytes may take, all tries together."""
@@ -91,6 +105,37 @@ class DownloadMeter:
                 f"floor {limits.floor_bps:.0f} B/s"
             )
         return None
+
+
+class TokenBucket:
+    """Pure: how long the reader waits after taking ``n`` bytes, for a cap of ``rate`` B/s.
+
+    Bytes are taken as they arrive (the debt model: the balance may go below zero) and the
+    reader pauses until the balance is back at zero, so over any stretch the bytes taken
+    are at most ``rate`` x its duration + ``burst``. It starts empty: no burst at the start.
+    """
+
+    def __init__(self, rate: float, now: float, burst_s: float = 0.1) -> None:
+        if rate <= 0:
+            raise ValueError(f"a token bucket's rate must be greater than 0, given {rate}")
+        self.rate = rate
+        self.burst = max(int(rate * burst_s), 1024)  # also the largest read: smooth
+        self._balance = 0.0
+        self._at = now
+
+    def take(self, n: int, now: float) -> float:
+        """Take ``n`` bytes at ``now``; the seconds to wait before reading more."""
+        self._balance = min(self.burst, self._balance + (now - self._at) * self.rate) - n
+        self._at = now
+        return -self._balance / self.rate if self._balance < 0 else 0.0
+
+
+def retry_pause(stalled: int, jitter: float = 1.0) -> float:
+    """Seconds before the next try of a dropped download: short after a try that got
+    further (``stalled`` 0: a link that drops every few hundred KB keeps most of its rate),
+    doubling with each try in a row that got no byte further, at most 10 s. ``jitter`` in
+    [0.5, 1] spreads the devices of a fleet whose link dropped at once."""
+    return min(0.2 * 2**stalled, 10.0) * jitter
 
 
 class _Interruptible(Protocol):
