@@ -8,6 +8,7 @@ flat table::
     listen = "127.0.0.1:8470"
     interval = 10.0
     providers = ["CPUExecutionProvider"]
+    max_download_kbps = 2000.0  # the rest of a cellular link stays the application's
 
     [agent.labels]
     site = "berlin"
