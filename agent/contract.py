@@ -9,6 +9,10 @@ Invariants every device message keeps:
   for itself; the broker ACL enforces it, ingest re-checks it);
 * it carries a per-device ``seq`` that only grows, so the fleet can drop QoS 1 redeliveries
   and replays without a second row;
+* it may carry the ``incarnation`` of the device's state directory (a random id made with
+  it): ``seq`` only grows within one incarnation, and a device whose state was wiped starts
+  a new one, so the fleet can tell a restarted sequence from a replay. Optional: agents
+  from before the field send none, and the fleet judges their messages by ``seq`` alone;
 * it fits in :data:`MAX_MESSAGE_BYTES` and validates against its model, or it is refused
   with a :class:`MessageRejected` whose ``reason`` is a short stable code for metrics.
 
@@ -44,6 +48,7 @@ __all__ = [
     "HISTOGRAM_MISSING",
     "HISTOGRAM_OVERFLOW",
     "HISTOGRAM_UNDERFLOW",
+    "INCARNATION_PATTERN",
     "LABEL_KEY_PATTERN",
     "LABEL_VALUE_PATTERN",
     "MANIFEST_NAME",
@@ -150,6 +155,9 @@ Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 BundleName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")]
 # Timestamps carry their zone: a naive time from a device is ambiguous, so it is refused.
 Timestamp = Annotated[datetime, Meta(tz=True)]
+# The random id of a device's state directory (agent.state makes 16 hex digits).
+INCARNATION_PATTERN = r"^[A-Za-z0-9_-]{8,64}\Z"
+Incarnation = Annotated[str, Meta(pattern=INCARNATION_PATTERN)]
 
 
 class Channel(StrEnum):
@@ -217,6 +225,9 @@ class DeviceMessage(_Strict, kw_only=True):
     device_id: DeviceId
     seq: Int64
     sent_at: Timestamp
+    # The sequence ``seq`` belongs to: new when the state directory is made (re-flash, new
+    # SD card), kept across restarts. None from agents that predate the field.
+    incarnation: Incarnation | None = None
 
 
 class StatusMessage(DeviceMessage, kw_only=True):

@@ -11,6 +11,11 @@ Invariants:
   state file starts from the wall clock in microseconds, so a wiped device keeps counting
   upwards.
 * the accepted desired state is only replaced by one with a greater ``generation``.
+* :attr:`AgentState.incarnation` is a random id made with the state file and kept for its
+  life. Messages carry it beside ``seq``: a wiped state directory (re-flash, new SD card)
+  starts a new incarnation, so the fleet restarts the device's sequence instead of ignoring
+  it while a clock behind keeps the new ``seq`` below the old one. A state file from before
+  incarnations gets one on first open; its ``seq`` goes on, so the fleet sees no restart.
 
 Besides, the file keeps what enrollment learnt (``fleet_url``, ``broker_url``) and the id
 the daemon last ran as (``device_id``); :func:`peek` reads them without creating anything,
@@ -19,6 +24,7 @@ for ``edge-agent status`` and ``run``, whether or not a daemon holds the directo
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -76,6 +82,10 @@ class AgentState:
         # FULL: a committed seq must survive a power cut, or a reboot could reuse it.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # Made once per state file, atomically (two openers agree on one); never replaced.
+        self._db.execute("INSERT OR IGNORE INTO kv(key, value) VALUES('incarnation', ?)",
+                         (secrets.token_hex(8),))
+        self.incarnation: str = self._get("incarnation") or ""
         self._seq_next = self._seq_limit = 0  # nothing reserved yet
 
     def close(self) -> None:

@@ -8,12 +8,38 @@ several fleet workers may see the same retained message:
   and within one connection the only move is online -> offline;
 * ``last_seen`` moves only for fresh messages: a retained copy replayed to a (re)starting
   fleet says nothing about when the device was last there.
+
+Incarnations (:func:`admit`, run on every batch before anything is applied): ``seq`` only
+grows within one *incarnation* of a device, the random id its state directory got when it
+was made. A wiped device (re-flashed, new SD card) starts a new one, counting from its clock,
+which may be behind, so its seqs may lie below what the fleet stored. So:
+
+* a message of the current incarnation (or with none: agents from before the field) keeps
+  the seq rules above;
+* a NEW incarnation of a known device restarts its sequence: the seq watermarks
+  (``reported_seq``, ``heartbeat_seq``, ``connection``) go back to 0, ``epoch`` goes up by
+  one, ``reflashed_at`` is set, a ``reflashed`` event and an audit entry are stored, and the
+  message is applied. The first incarnation a device row meets is adopted without a restart
+  when its seq goes on above the watermarks (an agent upgraded in place, or a new device);
+* a message of an incarnation seen before that is not the current one is a replay (or a
+  copy delayed past the re-flash) and is refused (``stale_incarnation``), whatever its seq.
+  Only :data:`MAX_PAST_INCARNATIONS` former incarnations are remembered per device (the
+  device row stays small); a replay from one older than those looks like a new incarnation.
+
+Heartbeats and events are unique per (device_id, epoch, seq), not (device_id, seq): the
+new sequence may reuse seq values of the old one (two boots at 1970 start at nearly the same
+microsecond), and such a heartbeat is new, not a redelivery. Keeping only seqs above the old
+watermark instead would drop the re-flashed device's telemetry until it caught up, the very
+hole this closes. Within a batch, messages are judged in arrival order; a device's messages
+from before its restart in that batch are stored but not applied to its row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 import msgspec
 from sqlalchemy import JSON, bindparam, case, delete, event, update
@@ -23,6 +49,7 @@ from sqlmodel import Session, select
 
 from agent.contract import (
     MAX_LABELS,
+    DeviceMessageT,
     EventMessage,
     HeartbeatTelemetry,
     ReportedState,
@@ -30,18 +57,24 @@ from agent.contract import (
     to_data,
     utcnow,
 )
+from fleet import audit
 from fleet.db import dialect_insert, is_postgresql
 from fleet.models import Device, DeviceDesired, DeviceEvent, Heartbeat
 from fleet.pg_bulk import raw_cursor, staged
 from fleet.selectors import Selector, SelectorError, effective_labels
 
 __all__ = [
+    "MAX_PAST_INCARNATIONS",
+    "Admission",
+    "Verdict",
+    "admit",
     "apply_event",
     "apply_heartbeats",
     "apply_reported",
     "apply_status",
     "desired_states",
     "get_device",
+    "judge",
     "list_devices",
     "list_events",
     "load_devices",
@@ -51,6 +84,10 @@ __all__ = [
     "set_tags",
     "touch",
 ]
+
+MAX_PAST_INCARNATIONS = 16
+REFLASHED_EVENT = "reflashed"
+INGEST_ACTOR = "system:ingest"
 
 
 def lock_devices(session: Session, device_ids: set[str]) -> None:
@@ -117,6 +154,121 @@ def _device_for_update(session: Session, device_id: str) -> Device:
     return device
 
 
+class Verdict(StrEnum):
+    """What a message's incarnation means for its device's sequence."""
+
+    SAME = "same"  # the current incarnation, or none given: the seq rules decide
+    ADOPT = "adopt"  # the device's first incarnation, its sequence going on
+    RESTART = "restart"  # a new incarnation: the sequence starts again
+    STALE = "stale"  # a former incarnation: a replay, refused
+
+
+def judge(
+    current: str | None, past: Sequence[str], incoming: str | None, seq: int, watermark: int
+) -> Verdict:
+    """The rule, without IO: ``current``/``past`` are the device's incarnations as stored,
+    ``watermark`` the highest seq it has applied (reported, heartbeat or connection)."""
+    if incoming is None or incoming == current:
+        return Verdict.SAME
+    if incoming in past:
+        return Verdict.STALE
+    if current is None and seq > watermark:
+        return Verdict.ADOPT
+    return Verdict.RESTART
+
+
+@dataclass
+class _Sequence:
+    """A device's sequence as a batch is judged (read once, written once if it changed)."""
+
+    incarnation: str | None
+    epoch: int
+    past: list[str]
+    watermark: int
+    restarts: list[tuple[str | None, str, int]] = field(default_factory=list)
+    adopted: bool = False
+
+
+@dataclass
+class Admission:
+    """:func:`admit`'s answer: each message's epoch (None: refused as a replay) and each
+    device's epoch once the batch was judged (its row takes only messages of that one)."""
+
+    epochs: list[int | None]
+    current: dict[str, int]
+
+    def applies(self, message: DeviceMessageT, epoch: int | None) -> bool:
+        return epoch is not None and epoch == self.current[message.device_id]
+
+
+_SEQUENCE_COLUMNS = ("id", "incarnation", "epoch", "past_incarnations", "reported_seq",
+                     "heartbeat_seq", "connection")
+
+
+def admit(session: Session, messages: Sequence[DeviceMessageT]) -> Admission:
+    """Judge the incarnation of every message of a batch, in order, and write what changed
+    (restarts: watermarks reset, epoch, ``reflashed`` event, audit entry). The devices must
+    be locked (:func:`lock_devices`). One light query for the batch's rows, whatever their
+    number; the full row only for a device that restarts or adopts."""
+    ids = sorted({m.device_id for m in messages})
+    session.flush()
+    query = sa_select(*(_DEVICE.c[name] for name in _SEQUENCE_COLUMNS)).where(
+        _DEVICE.c.id.in_(ids))
+    sequences = {
+        row.id: _Sequence(row.incarnation, row.epoch, list(row.past_incarnations or []),
+                          max(row.reported_seq, row.heartbeat_seq, row.connection))
+        for row in session.connection().execute(query)
+    }
+    epochs: list[int | None] = []
+    for message in messages:
+        known = sequences[message.device_id]
+        verdict = judge(known.incarnation, known.past, message.incarnation, message.seq,
+                        known.watermark)
+        if verdict is Verdict.STALE:
+            epochs.append(None)
+            continue
+        if verdict is Verdict.ADOPT:
+            known.incarnation, known.adopted = message.incarnation, True
+        elif verdict is Verdict.RESTART:
+            assert message.incarnation is not None  # SAME otherwise
+            previous = known.incarnation
+            if previous is not None:
+                known.past = [previous, *(i for i in known.past if i != previous)]
+                del known.past[MAX_PAST_INCARNATIONS:]
+            known.incarnation, known.watermark = message.incarnation, 0
+            known.epoch += 1
+            known.restarts.append((previous, message.incarnation, known.epoch))
+        epochs.append(known.epoch)
+    for device_id, known in sequences.items():
+        if known.adopted or known.restarts:
+            _write_sequence(session, device_id, known)
+    return Admission(epochs, {device_id: known.epoch for device_id, known in sequences.items()})
+
+
+def _write_sequence(session: Session, device_id: str, known: _Sequence) -> None:
+    device = session.get(Device, device_id)
+    assert device is not None  # locked, so present
+    device.incarnation = known.incarnation
+    if not known.restarts:
+        return
+    now = utcnow()
+    device.epoch = known.epoch
+    device.past_incarnations = known.past or None
+    device.reflashed_at = now
+    device.reported_seq = device.heartbeat_seq = device.connection = 0
+    insert = dialect_insert(session)
+    for previous, incarnation, epoch in known.restarts:
+        detail = {"incarnation": incarnation, "previous": previous, "epoch": epoch}
+        # seq 0 of the epoch it opens: agents count from their clock, above 0.
+        session.execute(insert(DeviceEvent).values(
+            device_id=device_id, epoch=epoch, seq=0, event=REFLASHED_EVENT, detail=detail,
+            sent_at=now, received_at=now,
+        ).on_conflict_do_nothing())
+        audit.record(session, INGEST_ACTOR, "device.reflash", f"device:{device_id}",
+                     "a new incarnation: the state directory was made again", detail)
+    session.flush()
+
+
 def apply_status(session: Session, message: StatusMessage, fresh: bool = True) -> bool:
     device = _device_for_update(session, message.device_id)
     if fresh:
@@ -171,7 +323,7 @@ def apply_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -
             session.expire(row)
 
 
-_NOT_IN_HEARTBEAT = {"schema_version", "device_id", "seq", "kind"}
+_NOT_IN_HEARTBEAT = {"schema_version", "device_id", "seq", "kind", "incarnation"}
 
 
 def _heartbeat_document(message: HeartbeatTelemetry) -> dict:
@@ -237,14 +389,16 @@ def _update_heartbeats(
     ])
 
 
-def apply_event(session: Session, message: EventMessage) -> bool:
-    """Store an event once: a redelivered copy hits the (device_id, seq) constraint."""
+def apply_event(session: Session, message: EventMessage, epoch: int = 0) -> bool:
+    """Store an event once: a redelivered copy hits the (device_id, epoch, seq) constraint.
+    ``epoch``: the one :func:`admit` gave the message."""
     touch(session, message.device_id)
     insert = dialect_insert(session)
     result = session.execute(
         insert(DeviceEvent)
         .values(
             device_id=message.device_id,
+            epoch=epoch,
             seq=message.seq,
             event=message.event,
             detail=message.detail,
@@ -261,7 +415,8 @@ def list_events(session: Session, device_id: str, limit: int = 100) -> list[Devi
     newest = session.exec(
         select(DeviceEvent)
         .where(DeviceEvent.device_id == device_id)
-        .order_by(DeviceEvent.seq.desc())  # type: ignore[attr-defined]
+        # (epoch, seq): a re-flashed device's new seqs may be below its former ones.
+        .order_by(DeviceEvent.epoch.desc(), DeviceEvent.seq.desc())  # type: ignore[attr-defined]
         .limit(limit)
     )
     return list(reversed(list(newest)))

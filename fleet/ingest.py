@@ -296,7 +296,7 @@ class IngestWorker:
         while pending:  # halves of a failed batch, the earlier half first
             part = pending.pop()
             try:
-                self._store_retrying(part)
+                stale = self._store_retrying(part)
             except _Stopping:
                 return  # left unacknowledged: the broker redelivers it
             except Exception as exc:
@@ -310,7 +310,15 @@ class IngestWorker:
                     middle = len(part) // 2
                     pending += [part[middle:], part[:middle]]
                 continue
-            self._accepted(part)
+            for inbound, message in stale:
+                self._refuse(inbound, "stale_incarnation",
+                             f"incarnation {message.incarnation} of {message.device_id} was "
+                             "replaced by a newer one (a replay, or a copy from before a "
+                             "re-flash)", clear_retained=inbound.retained)
+            refused = {id(inbound) for inbound, _ in stale}
+            accepted = [item for item in part if id(item[0]) not in refused]
+            if accepted:
+                self._accepted(accepted)
 
     def _decode(self, message: Inbound) -> DeviceMessageT | None:
         """The message, or None once it is refused (and acknowledged)."""
@@ -329,10 +337,15 @@ class IngestWorker:
             self._refuse(message, "undecodable", f"{type(exc).__name__}: {exc}")
         return None
 
-    def _refuse(self, message: Inbound, reason: str, text: str) -> None:
+    def _refuse(
+        self, message: Inbound, reason: str, text: str, clear_retained: bool = True
+    ) -> None:
+        """``clear_retained`` False: the message may not be the topic's retained one (a
+        live copy of a former incarnation's message: the retained one is the device's
+        current), so it is left alone."""
         self.metrics.reject(reason)
         self._log_refusal(reason, "refused message on %s: %s", message.topic, text)
-        if message.topic.rsplit("/", 1)[-1] in RETAINED_CHANNELS:
+        if clear_retained and message.topic.rsplit("/", 1)[-1] in RETAINED_CHANNELS:
             # Refused live or replayed, it is (or was published as) the topic's retained
             # message: left there, every (re)starting worker would be sent it again.
             self._clear_retained(message.topic)
@@ -346,14 +359,16 @@ class IngestWorker:
         except Exception as exc:  # the link is down: the next start clears it
             log.warning("could not clear the retained message on %s: %s", topic_name, exc)
 
-    def _store_retrying(self, decoded: list[tuple[Inbound, DeviceMessageT]]) -> None:
+    def _store_retrying(
+        self, decoded: list[tuple[Inbound, DeviceMessageT]]
+    ) -> list[tuple[Inbound, DeviceMessageT]]:
         """Store, retrying while the database is away (server gone, deadlock, lock
-        timeout: ``OperationalError``); any other failure is the batch's own."""
+        timeout: ``OperationalError``); any other failure is the batch's own. Returns the
+        messages refused as replays of a former incarnation (nothing of them stored)."""
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                self._store(decoded)
-                return
+                return self._store(decoded)
             except OperationalError as exc:
                 log.warning("batch not stored (%s); retrying in %.1fs", exc.orig, delay)
                 time.sleep(delay)
@@ -368,30 +383,41 @@ class IngestWorker:
         for message, _ in decoded:
             message.ack()
 
-    def _store(self, decoded: list[tuple[Inbound, DeviceMessageT]]) -> None:
+    def _store(
+        self, decoded: list[tuple[Inbound, DeviceMessageT]]
+    ) -> list[tuple[Inbound, DeviceMessageT]]:
         """One transaction for the whole batch. Applying twice changes nothing, so a retry
-        after a failed commit is safe."""
-        beats = [m for _, m in decoded if isinstance(m, HeartbeatTelemetry)]
-        events = [m for _, m in decoded if isinstance(m, EventMessage)]
+        after a failed commit is safe. Returns what was refused as a former incarnation's
+        (``fleet.devices.admit``: judged in the transaction, refused after it commits)."""
         with Session(self.engine) as session:
             devices.lock_devices(session, {m.device_id for _, m in decoded})
+            admission = devices.admit(session, [m for _, m in decoded])
+            stale = [item for item, epoch in zip(decoded, admission.epochs, strict=True)
+                     if epoch is None]
+            kept = [(inbound, message, epoch) for (inbound, message), epoch
+                    in zip(decoded, admission.epochs, strict=True) if epoch is not None]
+            beats = [(m, e) for _, m, e in kept if isinstance(m, HeartbeatTelemetry)]
             # Status, reported, events and drift edit device rows field by field (rare
             # messages); heartbeats, the bulk, update theirs in one statement.
             devices.load_devices(
-                session, {m.device_id for _, m in decoded if not isinstance(m, HeartbeatTelemetry)}
+                session, {m.device_id for _, m, _ in kept if not isinstance(m, HeartbeatTelemetry)}
             )
-            for inbound, message in decoded:
+            for inbound, message, epoch in kept:
                 fresh = not inbound.retained
-                if isinstance(message, StatusMessage):
+                if not admission.applies(message, epoch):
+                    # Before its device's restart in this batch: stored, not applied.
+                    devices.touch(session, message.device_id)
+                elif isinstance(message, StatusMessage):
                     devices.apply_status(session, message, fresh)
                 elif isinstance(message, ReportedState):
                     devices.apply_reported(session, message, fresh)
-            stored = telemetry.store_heartbeats(session, beats)
-            devices.apply_heartbeats(session, beats)
-            for event in events:
-                if devices.apply_event(session, event):  # new, not a redelivered copy
-                    rollout_store.on_event(session, event)
-            drift = [m for _, m in decoded if isinstance(m, DriftMessage)]
+            stored = telemetry.store_heartbeats(session, [m for m, _ in beats],
+                                                [e for _, e in beats])
+            devices.apply_heartbeats(session, [m for m, e in beats if admission.applies(m, e)])
+            for _, event, epoch in kept:
+                if isinstance(event, EventMessage) and devices.apply_event(session, event, epoch):
+                    rollout_store.on_event(session, event)  # new, not a redelivered copy
+            drift = [m for _, m, _ in kept if isinstance(m, DriftMessage)]
             for device_id in {m.device_id for m in drift}:
                 devices.touch(session, device_id)
             alerts = drift_store.apply_drift(session, drift, notify=self.notify_drift)
@@ -404,3 +430,4 @@ class IngestWorker:
                         f" ({', '.join(note.features[:5])})" if note.features else "")
         if alerts and self.on_drift_alert is not None:
             self.on_drift_alert()
+        return stale

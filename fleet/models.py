@@ -75,6 +75,14 @@ class Device(SQLModel, table=True):
     # selector matches the tags laid over the labels (fleet.selectors).
     labels: dict | None = Field(default=None, sa_column=Column(JSON))
     tags: dict | None = Field(default=None, sa_column=Column(JSON))
+    # The device's sequence (see fleet.devices on incarnations): the incarnation its
+    # messages carry now, its number here (0 until the first re-flash seen: rows of the
+    # time series and events are unique per (device, epoch, seq)), the few incarnations
+    # before it (whose messages are refused as replays) and when the last one began.
+    incarnation: str | None = Field(default=None, max_length=64)
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    past_incarnations: list | None = Field(default=None, sa_column=Column(JSON))
+    reflashed_at: datetime | None = Field(default=None, sa_type=_tz())
 
 
 class ActiveModelPublic(SQLModel):
@@ -135,8 +143,12 @@ class DevicePublic(SQLModel):
     # when the fleet never told it anything.
     in_sync: bool | None = None
     heartbeat: HeartbeatPublic | None
+    # When the device last came back with a new incarnation (state directory wiped:
+    # re-flashed, new SD card); None if it never did. ``epoch`` counts those restarts.
+    reflashed_at: datetime | None = None
+    epoch: int = 0
 
-    _utc = field_validator("first_seen", "last_seen")(_as_utc)
+    _utc = field_validator("first_seen", "last_seen", "reflashed_at")(_as_utc)
 
     @classmethod
     def from_row(cls, device: Device, desired: DeviceDesired | None = None) -> DevicePublic:
@@ -164,6 +176,8 @@ class DevicePublic(SQLModel):
             heartbeat=HeartbeatPublic.model_validate(device.heartbeat)
             if device.heartbeat
             else None,
+            reflashed_at=device.reflashed_at,
+            epoch=device.epoch,
         )
 
 
@@ -278,12 +292,19 @@ class DeploymentPublic(BaseModel):
 
 
 class DeviceEvent(SQLModel, table=True):
-    """Events devices report (deployment steps, refusals): stored once per (device, seq)."""
+    """Events devices report (deployment steps, refusals): stored once per (device, epoch,
+    seq). ``epoch`` is the device's sequence number in the fleet (``Device.epoch``): a
+    re-flashed device counts ``seq`` again from its clock, perhaps over values its former
+    incarnation used, so ``seq`` alone is unique only within one epoch. The fleet's own
+    ``reflashed`` event is ``seq`` 0 of the epoch it opens (agents start above 0)."""
 
-    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "epoch", "seq", name="uq_deviceevent_device_epoch_seq"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(max_length=64, index=True)
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     seq: int = Field(sa_type=BigInteger)
     event: str = Field(max_length=64)
     detail: dict = Field(default_factory=dict, sa_column=Column(JSON))
@@ -292,6 +313,7 @@ class DeviceEvent(SQLModel, table=True):
 
 
 class DeviceEventPublic(SQLModel):
+    epoch: int = 0
     seq: int
     event: str
     detail: dict
@@ -302,10 +324,12 @@ class DeviceEventPublic(SQLModel):
 
 
 class Heartbeat(HeartbeatFigures, table=True):
-    """The heartbeat time series: one row per (device, seq), whatever the redeliveries."""
+    """The heartbeat time series: one row per (device, epoch, seq), whatever the
+    redeliveries. ``epoch`` as in :class:`DeviceEvent`: a re-flashed device may send a
+    ``seq`` its former incarnation used, and that heartbeat is new, not a duplicate."""
 
     __table_args__ = (
-        UniqueConstraint("device_id", "seq"),
+        UniqueConstraint("device_id", "epoch", "seq", name="uq_heartbeat_device_epoch_seq"),
         Index("ix_heartbeat_device_time", "device_id", "sent_at"),
         Index("ix_heartbeat_received", "received_at"),
     )
@@ -315,12 +339,14 @@ class Heartbeat(HeartbeatFigures, table=True):
         default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer(), "sqlite")
     )
     device_id: str = Field(max_length=64)
+    epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     seq: int = Field(sa_type=BigInteger)
     sent_at: datetime = Field(sa_type=_tz())
     received_at: datetime = Field(sa_type=_tz())
 
 
 class HeartbeatRow(HeartbeatFigures):
+    epoch: int = 0
     seq: int
     sent_at: datetime
     received_at: datetime

@@ -1,10 +1,11 @@
 """The telemetry time series: batched idempotent writes, queries, retention.
 
-Rows are keyed by ``(device_id, seq)`` with a unique constraint, and written with
-``INSERT ... ON CONFLICT DO NOTHING``: a QoS 1 redelivery, a replay after a worker restart
-or the same message reaching two workers never makes a second row. A batch of messages is
-one transaction: on PostgreSQL a COPY and one INSERT (``fleet.pg_bulk``), on SQLite one
-executemany.
+Rows are keyed by ``(device_id, epoch, seq)`` with a unique constraint (``epoch``: which
+of the device's sequences the seq belongs to, see ``fleet.devices`` on incarnations), and
+written with ``INSERT ... ON CONFLICT DO NOTHING``: a QoS 1 redelivery, a replay after a
+worker restart or the same message reaching two workers never makes a second row. A batch
+of messages is one transaction: on PostgreSQL a COPY and one INSERT (``fleet.pg_bulk``), on
+SQLite one executemany.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _figures_of = attrgetter(*_FIGURES)
 _TABLE = Heartbeat.__table__  # type: ignore[attr-defined]
 _COLUMNS = {
     "device_id": "text",
+    "epoch": "integer",
     "seq": "bigint",
     "sent_at": "timestamptz",
     "received_at": "timestamptz",
@@ -39,15 +41,22 @@ _COLUMNS = {
 }
 
 
-def store_heartbeats(session: Session, messages: Sequence[HeartbeatTelemetry]) -> int:
-    """Insert new rows; return how many were new (the rest were duplicates)."""
+def store_heartbeats(
+    session: Session,
+    messages: Sequence[HeartbeatTelemetry],
+    epochs: Sequence[int] | None = None,
+) -> int:
+    """Insert new rows; return how many were new (the rest were duplicates).
+    ``epochs``: each message's epoch, as ``fleet.devices.admit`` gave it (None: all 0)."""
     if not messages:
         return 0
     now = utcnow()
-    rows = [(m.device_id, m.seq, m.sent_at, now, *_figures_of(m)) for m in messages]
+    epochs = epochs if epochs is not None else [0] * len(messages)
+    rows = [(m.device_id, epoch, m.seq, m.sent_at, now, *_figures_of(m))
+            for m, epoch in zip(messages, epochs, strict=True)]
     if is_postgresql(session):
         return copy_insert_ignoring_duplicates(
-            session, "heartbeat", _COLUMNS, ("device_id", "seq"), rows
+            session, "heartbeat", _COLUMNS, ("device_id", "epoch", "seq"), rows
         )
     # SQLite: one statement compiled once and cached, parameters passed separately.
     # RETURNING, not rowcount: SQLite's executemany rowcount does not count ignored
@@ -66,7 +75,9 @@ def heartbeats(
     query = select(Heartbeat).where(Heartbeat.device_id == device_id)
     if since is not None:
         query = query.where(Heartbeat.sent_at >= since)
-    return list(session.exec(query.order_by(Heartbeat.seq).limit(limit)))  # type: ignore[arg-type]
+    # (epoch, seq): a re-flashed device's new seqs may be below its former ones.
+    order = (Heartbeat.epoch, Heartbeat.seq)
+    return list(session.exec(query.order_by(*order).limit(limit)))  # type: ignore[arg-type]
 
 
 def delete_older_than(session: Session, cutoff: datetime) -> int:
