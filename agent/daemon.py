@@ -47,6 +47,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from agent import __version__
 from agent.contract import (
     ActiveModel,
@@ -273,6 +275,7 @@ class AgentDaemon:
             "device_id": self.config.device_id,
             "seq": self.state.next_seq(),
             "sent_at": utcnow(),
+            "incarnation": self.state.incarnation,
         }
 
     def _next_will(self) -> Will:
@@ -282,6 +285,7 @@ class AgentDaemon:
             device_id=self.config.device_id,
             seq=seq,
             sent_at=utcnow(),
+            incarnation=self.state.incarnation,
             state="offline",
             connection=seq,
         )
@@ -429,6 +433,7 @@ class AgentDaemon:
         fleet keeps, so an outage delays it, never loses it."""
         for report in reports:
             for message in report.messages(self.config.device_id, self.state.next_seq):
+                message = msgspec.structs.replace(message, incarnation=self.state.incarnation)
                 self.outbox.put(message.seq, Channel.DRIFT.value, encode(message))
             log.debug("queued drift window of %s v%d: %d rows, %d binned (%s)",
                       report.model.name, report.model.version, report.rows, report.binned,
