@@ -1,10 +1,28 @@
 """MQTT v5 plumbing shared by the agent and the fleet: broker URLs and a resilient link.
 
 paho-mqtt is wrapped here and nowhere else, so the rest of the code sees plain callbacks and
-one error type. The link reconnects by itself with exponential backoff (paho's loop thread),
-and asks for a fresh Last Will before every connection attempt: each connection of a device
-announces its own offline message, which is how the fleet tells a stale will from a current
-one (see ``agent.contract``).
+one error type. The link reconnects by itself (paho's loop thread), and asks for a fresh
+Last Will before every connection attempt: each connection of a device announces its own
+offline message, which is how the fleet tells a stale will from a current one (see
+``agent.contract``).
+
+Two field conditions decide how it does so (:class:`_Client`, :class:`Backoff`):
+
+* **A dead link is noticed within one keepalive** (plus the loop's 1 s tick), so within
+  the 1.5 keepalives after which the broker gives up on us and publishes our Last Will. A
+  NAT that forgot the connection sends no RST: only silence tells. paho pings after a
+  keepalive of silence and then waits a whole keepalive more for the PINGRESP, 2
+  keepalives in all (measured: 9.9 s at keepalive 5). Here a ping goes out after half a
+  keepalive without a byte from the broker, and the connection is dropped once a whole
+  keepalive passed without one: a live broker answers well within that.
+* **Reconnects do not storm.** A broker restart drops every device in the same instant;
+  if they all come back in the same second, the broker (and the fleet behind it) takes
+  the whole fleet's connects, subscriptions and retained messages at once. The first
+  attempt after a lost connection is therefore drawn uniformly over ``spread_s`` (one
+  keepalive by default: a device back within it is never seen offline, since the broker
+  waits 1.5 keepalives), and each further attempt after ``n`` failures over
+  ``min(cap, base * 2**n)`` ("full jitter"). ``jitter=False`` gives the plain doubling
+  (1, 2, 4 ... 30 s), for comparison (``bench/reconnect.py``).
 
 A broker that cannot be reached is never silent: every failed attempt (nothing listening,
 a name that does not resolve, a refusal) is logged with where it went, why it failed and
@@ -18,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import select
 import socket
 import sys
@@ -33,8 +52,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-__all__ = ["BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink", "Will",
-           "try_connect"]
+__all__ = ["Backoff", "BrokerAddress", "FailureLog", "Inbound", "LinkError", "MqttLink",
+           "Will", "try_connect"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +98,97 @@ class _PollSelect:
 
 if hasattr(select, "poll"):  # not on Windows, where select has no such ceiling
     paho.select = _PollSelect  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """When to try the broker again (pure: the random source is given).
+
+    ``delay(0)``: the first attempt after losing an established connection, drawn over
+    ``spread_s``; ``delay(n)``: the attempt after ``n`` failed ones, drawn over
+    ``min(cap_s, base_s * 2**n)``. Without jitter: ``base_s``, then the doubling itself.
+    """
+
+    base_s: float = 1.0
+    cap_s: float = 30.0
+    spread_s: float = 15.0
+    jitter: bool = True
+
+    def window(self, attempt: int) -> float:
+        if attempt <= 0:
+            return self.spread_s if self.jitter else self.base_s
+        return min(self.cap_s, self.base_s * 2 ** min(attempt, 32))
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        window = self.window(attempt)
+        if not self.jitter:
+            return window
+        return (rng or random).uniform(0, window)
+
+
+# The paho methods the link's subclass replaces or calls (paho 2.x). Missing in some other
+# version: paho's own keepalive handling and reconnect timing apply, and we say so.
+_PAHO_METHODS = ("_check_keepalive", "_reconnect_wait", "_send_pingreq", "_sock_close",
+                 "_do_on_disconnect")
+
+
+class _Client(paho.Client):
+    """paho's client with the link's dead-link watchdog and reconnect timing.
+
+    Both replace one paho method each (``_check_keepalive``, ``_reconnect_wait``), which
+    paho's loop thread calls; everything else is paho's."""
+
+    link: MqttLink
+    _heard_attr = "_last_bytes_received"  # when a byte last came (paho 2.0: _last_msg_in)
+
+    def _check_keepalive(self) -> None:
+        keepalive = self._keepalive
+        if (keepalive == 0 or self._sock is None
+                or self._state != paho._ConnectionState.MQTT_CS_CONNECTED):
+            super()._check_keepalive()  # connecting: paho's CONNACK deadline (a keepalive)
+            return
+        now = paho.time_func()
+        with self._msgtime_mutex:
+            last_out = self._last_msg_out
+            heard = getattr(self, self._heard_attr)
+        silent = now - heard
+        if silent >= keepalive:
+            log.debug("nothing from the broker for %.1f s (keepalive %d s): dropping the "
+                      "connection", silent, keepalive)
+            self._sock_close()
+            self._do_on_disconnect(packet_from_broker=False,
+                                   v1_rc=paho.MQTTErrorCode.MQTT_ERR_KEEPALIVE)
+            return
+        pinged = self._ping_t
+        if (silent >= keepalive / 2 or now - last_out >= keepalive) and (
+                pinged == 0 or now - pinged >= keepalive / 2):
+            try:
+                self._send_pingreq()
+            except Exception:  # as paho: a failed write is a lost link
+                self._sock_close()
+                self._do_on_disconnect(packet_from_broker=False,
+                                       v1_rc=paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            else:
+                with self._msgtime_mutex:
+                    self._last_msg_out = now  # (paho also pretends it heard from the broker)
+
+    def _reconnect_wait(self) -> None:
+        delay = self.link._take_delay()
+        deadline = paho.time_func() + delay
+        while (remaining := deadline - paho.time_func()) > 0:
+            if self._thread_terminate or self._state in (
+                    paho._ConnectionState.MQTT_CS_DISCONNECTING,
+                    paho._ConnectionState.MQTT_CS_DISCONNECTED):
+                return
+            time.sleep(min(remaining, 0.5))
+
+
+def _paho_fits() -> bool:
+    return (all(hasattr(paho.Client, name) for name in _PAHO_METHODS)
+            and hasattr(paho, "_ConnectionState") and hasattr(paho, "time_func"))
+
+
+_PAHO_FITS = _paho_fits()
 
 
 class LinkError(RuntimeError):
@@ -248,11 +358,14 @@ class MqttLink:
         receive_maximum: int | None = None,
         session_expiry_s: int | None = None,
         on_published: Callable[[int, bool], None] | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         """``receive_maximum`` caps unacknowledged QoS>0 messages the broker sends us (flow
         control: a consumer with a bounded queue never blocks paho's thread).
         ``session_expiry_s`` keeps our session, subscriptions and unacknowledged messages on
-        the broker across a disconnect or restart of this process (needs a stable id)."""
+        the broker across a disconnect or restart of this process (needs a stable id).
+        ``backoff``: when to try again (default: full jitter, the first attempt after a
+        loss spread over one keepalive, the later ones doubling up to ``max_backoff``)."""
         self.broker = broker
         self.client_id = client_id
         self._on_message_cb = on_message
@@ -269,13 +382,24 @@ class MqttLink:
         # would acknowledge whatever reuses its packet id now, so it is dropped instead.
         self._connection_generation = 0
         self._min_backoff, self._max_backoff = 1, max_backoff
+        self.backoff = backoff or Backoff(cap_s=max_backoff, spread_s=max(1, keepalive))
+        self._retries = 0  # failed attempts since the last connection
+        self._planned: float | None = None  # the wait before the next attempt, once drawn
         self._failures = FailureLog()
-        self._client = paho.Client(
+        client_class = _Client if _PAHO_FITS else paho.Client
+        if not _PAHO_FITS:
+            log.warning("paho-mqtt %s: the link's keepalive watchdog and reconnect jitter are "
+                        "off (paho's internals differ)", getattr(paho, "__version__", "?"))
+        self._client = client_class(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
             manual_ack=manual_ack,
         )
+        if isinstance(self._client, _Client):
+            self._client.link = self
+            if not hasattr(self._client, _Client._heard_attr):
+                self._client._heard_attr = "_last_msg_in"
         self._client.reconnect_delay_set(min_delay=1, max_delay=max_backoff)
         # 0 = unbounded: paho holds QoS 1 publishes made while offline until reconnect.
         self._client.max_queued_messages_set(0)
@@ -345,6 +469,7 @@ class MqttLink:
         if self._state is not _State.OPENED or not self._dropped:
             return
         self._dropped = False
+        self._retries, self._planned = 0, None
         self._connect_async()
 
     def close(self) -> None:
@@ -388,14 +513,18 @@ class MqttLink:
         self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def _next_retry_s(self) -> float:
-        """When paho tries again: it doubles its delay from the minimum before each attempt
-        after a failure, and resets it on a successful CONNACK (read from paho, where it
-        keeps it). Only after the very first attempt fails does it wait twice, the
-        minimum and then double it, before the second."""
-        current = getattr(self._client, "_reconnect_delay", None)
-        if current is None:
-            return self._min_backoff + min(2 * self._min_backoff, self._max_backoff)
-        return min(current * 2, self._max_backoff)
+        """The wait before the next attempt after a failed one, drawn now (so the log can
+        say when), or already drawn for this failure."""
+        if self._planned is None:
+            self._retries += 1
+            self._planned = self.backoff.delay(self._retries)
+        return self._planned
+
+    def _take_delay(self) -> float:
+        """paho's thread, before an attempt: the wait drawn for it (and forget it)."""
+        delay = self._planned if self._planned is not None else self._next_retry_s()
+        self._planned = None
+        return delay
 
     def _log_failure(self, why: str) -> None:
         retry_s = self._next_retry_s()
@@ -413,6 +542,7 @@ class MqttLink:
             return
         after = self._failures.connected(time.monotonic())
         log.info("connected to %s%s", self.broker, f" {after}" if after else "")
+        self._retries, self._planned = 0, None
         self._connection_generation += 1
         self._connected.set()
         if self._on_connect_cb is not None:
@@ -426,7 +556,12 @@ class MqttLink:
         self._connected.clear()
         if self._state is _State.OPENED:
             if was_connected and not self._dropped:
-                log.warning("lost the broker %s (%s); reconnecting", self.broker, reason_code)
+                self._retries, self._planned = 0, self.backoff.delay(0)
+                log.warning("lost the broker %s (%s); reconnecting in %.1f s", self.broker,
+                            reason_code, self._planned)
+            elif not was_connected and not self._dropped and self._planned is None:
+                # An attempt that got no CONNACK (or a refusal, already logged above).
+                self._log_failure(f"no answer to the connection ({reason_code})")
             # The next attempt announces a new connection with its own Last Will.
             self._arm_will()
 
