@@ -108,6 +108,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keepalive", type=int, default=15,
                      help="MQTT keepalive seconds: how soon the fleet learns of a lost "
                      "device (default 15)")
+    run.add_argument("--reconnect-jitter", choices=("on", "off"),
+                     default=os.environ.get("EDGE_AGENT_RECONNECT_JITTER") or "on",
+                     help="draw reconnect delays at random over their backoff window, so a "
+                     "fleet does not reconnect in step after a broker restart (default on; "
+                     "env EDGE_AGENT_RECONNECT_JITTER)")
     run.add_argument("--fleet", help="fleet URL for bundles (default: the enrolled one)")
     run.add_argument("--max-bundle-mb", type=float, default=512.0,
                      help="refuse bundles larger than this (default 512)")
@@ -349,6 +354,7 @@ def _run(args: argparse.Namespace) -> int:
                 state_dir=args.state_dir,
                 interval_s=args.interval,
                 keepalive_s=args.keepalive,
+                reconnect_jitter=args.reconnect_jitter == "on",
                 fleet_url=args.fleet,
                 max_bundle_bytes=int(args.max_bundle_mb * 1024 * 1024),
                 listen=listen,

@@ -77,7 +77,7 @@ from agent.errors import (
     UpdateError,
 )
 from agent.installer import Installer, LoadedModel
-from agent.mqtt import BrokerAddress, Inbound, MqttLink, Will
+from agent.mqtt import Backoff, BrokerAddress, Inbound, MqttLink, Will
 from agent.outbox import Outbox, OutboxDrainer, Pending
 from agent.process_stats import ProcessSampler, release_free_memory
 from agent.reconciler import Reconciler
@@ -162,6 +162,9 @@ class AgentConfig:
     state_dir: Path
     interval_s: float = 10.0
     keepalive_s: int = 15
+    # Reconnects drawn at random over their backoff window (agent.mqtt.Backoff); off only
+    # to compare with the plain doubling (bench/reconnect.py).
+    reconnect_jitter: bool = True
     fleet_url: str | None = None  # default: the URL given at enrollment
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     retry_initial_s: float = 5.0
@@ -252,6 +255,7 @@ class AgentDaemon:
             will_factory=self._next_will,
             keepalive=config.keepalive_s,
             on_published=self.drainer.acknowledged,
+            backoff=Backoff(spread_s=max(1, config.keepalive_s), jitter=config.reconnect_jitter),
         )
 
     def client(self) -> BundleClient | None:

@@ -50,6 +50,9 @@ def add_arguments(command: argparse.ArgumentParser, state_dir_default: Path) -> 
                          help="seconds between heartbeats (default 10)")
     command.add_argument("--keepalive", type=int, default=15,
                          help="MQTT keepalive seconds (default 15)")
+    command.add_argument("--reconnect-jitter", choices=("on", "off"), default="on",
+                         help="draw each device's reconnect delays at random over their "
+                         "backoff window (default on; off: all retry in step, for comparison)")
     command.add_argument("--drift-window", type=float, default=300.0,
                          help="seconds per drift window (default 300)")
     command.add_argument("--inferences", type=int, default=10,
@@ -143,6 +146,7 @@ def run_from_args(args: argparse.Namespace, engine: EngineOptions, labels: dict[
         prefix=args.prefix,
         interval_s=args.interval,
         keepalive_s=args.keepalive,
+        reconnect_jitter=args.reconnect_jitter == "on",
         drift_window_s=args.drift_window,
         inferences=args.inferences,
         load_threads=args.load_threads,

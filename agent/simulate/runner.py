@@ -59,6 +59,7 @@ class SimulationConfig:
     prefix: str = "sim-"
     interval_s: float = 10.0
     keepalive_s: int = 15
+    reconnect_jitter: bool = True
     drift_window_s: float = 300.0
     inferences: int = 10  # synthetic load per heartbeat interval
     load_threads: int = 4
@@ -114,6 +115,7 @@ class Simulator:
                 state_dir=state_dir,
                 interval_s=config.interval_s,
                 keepalive_s=config.keepalive_s,
+                reconnect_jitter=config.reconnect_jitter,
                 drift_window_s=config.drift_window_s,
                 fleet_url=config.fleet_url,
                 listen=None,

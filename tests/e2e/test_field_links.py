@@ -134,7 +134,7 @@ def test_a_partition_within_the_outbox_budget_loses_and_doubles_no_heartbeat(
     wait_until(lambda: len(_stored(fleet, "field-2")) >= 5, timeout=30,
                what="field-2's first heartbeats stored")
 
-    proxy.partition(6)  # a black hole: the open connection dies, new ones reach nothing
+    proxy.partition(4)  # a black hole: the open connection dies, new ones reach nothing
     before = len(_produced(agent))
     wait_until(lambda: not proxy.faulty, timeout=30, what="the partition to heal by itself")
     during = len(_produced(agent)) - before
@@ -155,5 +155,23 @@ def test_a_partition_within_the_outbox_budget_loses_and_doubles_no_heartbeat(
     doubled = [seq for seq, count in Counter(stored).items() if count > 1]
     assert doubled == []
     assert len(set(produced)) == len(produced)  # each seq queued once
-    print(f"partition 6 s: {during} heartbeats queued while cut off, {len(produced)} "
+    print(f"partition 4 s: {during} heartbeats queued while cut off, {len(produced)} "
           f"produced, all stored once")
+
+
+def test_reconnect_delays_are_drawn_over_their_backoff_window():
+    """Full jitter: the first attempt after a loss over ``spread_s``, the one after ``n``
+    failures over ``min(cap, base * 2**n)``; without jitter, the plain doubling."""
+    import random
+
+    from agent.mqtt import Backoff
+
+    rng = random.Random(7)
+    backoff = Backoff(base_s=1, cap_s=30, spread_s=15)
+    firsts = [backoff.delay(0, rng) for _ in range(2000)]
+    assert 0 <= min(firsts) < 0.5 and 14.5 < max(firsts) <= 15
+    assert max(Counter(int(d) for d in firsts).values()) < 2000 / 15 * 1.5  # spread evenly
+    assert [backoff.window(n) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+    assert all(0 <= backoff.delay(n, rng) <= backoff.window(n) for n in range(1, 40))
+    plain = Backoff(base_s=1, cap_s=30, spread_s=15, jitter=False)
+    assert [plain.delay(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
