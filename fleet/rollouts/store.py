@@ -395,6 +395,8 @@ def on_event(session: Session, message: EventMessage) -> None:
         return
     if row.state == DeviceState.PENDING.value:
         return  # not notified by this rollout: an operator's own deployment
+    if row.state == state.value:
+        return  # already there: a download's progress events repeat `downloading`
     try:
         row.state = transition(DeviceState(row.state), state).value
     except TransitionError as exc:
