@@ -268,7 +268,8 @@ class FailureLog:
 
     def failed(self, now: float, where: str, why: str, retry_in_s: float) -> tuple[int, str]:
         self.failures += 1
-        retry = f"retrying in {retry_in_s:.0f} s"
+        # Tenths: a jittered wait is rarely a whole number of seconds.
+        retry = f"retrying in {retry_in_s:.1f} s"
         if self.failures == 1:
             self._first_at = self._warned_at = now
             return logging.WARNING, f"cannot reach the broker {where}: {why}; {retry}"

@@ -18,7 +18,7 @@ from agent.mqtt import BrokerAddress, FailureLog, MqttLink
 from tests.fixtures.broker import client_id_for
 from tests.fixtures.waiting import wait_until
 
-_RETRY = re.compile(r"retrying in (\d+) s")
+_RETRY = re.compile(r"retrying in (\d+(?:\.\d)?) s")
 
 
 def _failures(caplog) -> list[logging.LogRecord]:
@@ -63,7 +63,7 @@ def test_failure_log_warns_on_the_first_failure_then_at_most_once_a_minute():
     assert warnings == [0, 60, 120, 180]
     assert set(levels) == {logging.WARNING, logging.DEBUG}
     level, text = failures.failed(200.0, "mqtt://h:1", "refused", 30)
-    assert level == logging.DEBUG and "attempt 38" in text and "retrying in 30 s" in text
+    assert level == logging.DEBUG and "attempt 38" in text and "retrying in 30.0 s" in text
     assert failures.connected(250.0) == "after 38 failed attempt(s) in 4 min 10 s"
     # A new outage starts a new run: its first failure is a warning again.
     assert failures.connected(251.0) is None
@@ -86,7 +86,7 @@ def test_nothing_listening_is_logged_with_the_address_the_reason_and_the_next_at
     assert all(r.levelno == logging.DEBUG for r in records[1:3])
     # Each line says when the next attempt comes, and the next attempt comes then.
     for said, then in itertools.pairwise(records[:3]):
-        promised = int(_RETRY.search(said.getMessage()).group(1))
+        promised = float(_RETRY.search(said.getMessage()).group(1))
         assert abs((then.created - said.created) - promised) < 1.5, (
             said.getMessage(), then.created - said.created)
 

@@ -68,7 +68,7 @@ def test_enrollment_gives_the_broker_and_an_account_so_run_needs_only_its_state_
             lambda: re.search(r"WARNING agent\.mqtt: cannot reach the broker (.*)", stray.log()),
             timeout=30, what="the unreachable broker named").group(1)
         assert line.startswith(f"mqtt://127.0.0.1:{closed}: connection refused")
-        assert re.search(r"retrying in \d+ s \(at \d\d:\d\d:\d\d\)$", line), line
+        assert re.search(r"retrying in \d+\.\d s \(at \d\d:\d\d:\d\d\)$", line), line
     finally:
         for process in (agent, stray):
             if process is not None:
