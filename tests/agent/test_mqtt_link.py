@@ -84,11 +84,13 @@ def test_nothing_listening_is_logged_with_the_address_the_reason_and_the_next_at
     assert f"cannot reach the broker mqtt://127.0.0.1:{port}: connection refused" in (
         first.getMessage())
     assert all(r.levelno == logging.DEBUG for r in records[1:3])
-    # Each line says when the next attempt comes, and the next attempt comes then.
+    # Each line says when the next attempt comes, and the next attempt comes then: never
+    # before (the 0.5 s is the log's rounding and the attempt's own time), and late only
+    # by what a loaded machine adds (3.5 s seen for a promised 2.0 s on a busy CI run).
     for said, then in itertools.pairwise(records[:3]):
         promised = float(_RETRY.search(said.getMessage()).group(1))
-        assert abs((then.created - said.created) - promised) < 1.5, (
-            said.getMessage(), then.created - said.created)
+        late_s = (then.created - said.created) - promised
+        assert -0.5 < late_s < 3.0, (said.getMessage(), then.created - said.created)
 
 
 def test_a_host_name_that_does_not_resolve_is_named(caplog, link_to):
